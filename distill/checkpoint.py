@@ -1,0 +1,88 @@
+"""Atomic, pickle-free training state: nested dicts/lists of tensors and plain values.
+
+Tensors go into one safetensors file; the structure (and every non-tensor value, e.g. optimizer
+hyper-parameters, the step, the config) goes into its JSON metadata. Writes go to a temporary file
+in the same folder and are renamed over the old one, so a crash never leaves a half-written state.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+_META_KEY = "fewstep_state"
+
+
+def _flatten(obj, prefix: str, tensors: dict):
+    if isinstance(obj, torch.Tensor):
+        # safetensors refuses tensors that share storage (EMA copies, views): store a private copy.
+        tensors[prefix] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):  # keys keep their type (optimizer states use int keys)
+        return {"__dict__": [[k, _flatten(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)],
+                "tuple": isinstance(obj, tuple)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {prefix!r} in a training state")
+
+
+def _unflatten(node, tensors: dict):
+    if isinstance(node, dict):
+        if "__tensor__" in node:
+            return tensors[node["__tensor__"]]
+        if "__dict__" in node:
+            return {k: _unflatten(v, tensors) for k, v in node["__dict__"]}
+        if "__list__" in node:
+            items = [_unflatten(v, tensors) for v in node["__list__"]]
+            return tuple(items) if node["tuple"] else items
+    return node
+
+
+def save_state(path: str | Path, state: dict) -> None:
+    """Write `state` to `path` atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict = {}
+    skeleton = _flatten(state, "", tensors)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(skeleton)})
+    os.replace(tmp, path)
+
+
+def load_state(path: str | Path) -> dict:
+    """Read a state written by `save_state`; a damaged file is a clear UserError."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        skeleton = json.loads(meta[_META_KEY])
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise UserError(
+            f"training checkpoint {path} is unreadable or not a fewstep state ({type(e).__name__}: {e}); "
+            f"delete it (or choose another output folder) to start over"
+        ) from None
+    return _unflatten(skeleton, tensors)
+
+
+def rng_state() -> dict:
+    """Global torch RNG states (CPU and, where present, CUDA) for exact resumption."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))

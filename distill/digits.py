@@ -1,0 +1,39 @@
+"""The embedded default: where the committed digits teacher and classifier live, and their shapes."""
+
+from pathlib import Path
+
+from .data import IMAGE_SIZE, NUM_CLASSES
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TEACHER_DIR = ASSETS / "digits_teacher"
+CLASSIFIER_DIR = ASSETS / "digits_classifier"
+
+NULL_CLASS = NUM_CLASSES  # the extra class embedding used for classifier-free guidance
+
+
+def teacher_unet_config() -> dict:
+    """A 1.2 M-parameter class-conditional diffusers UNet2DModel for 16x16 single-channel digits."""
+    return dict(
+        sample_size=IMAGE_SIZE,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=32,
+        num_class_embeds=NUM_CLASSES + 1,  # + the null class for CFG
+    )
+
+
+def teacher_scheduler_config() -> dict:
+    """DDPM linear betas with a small beta_start, so sigma spans [0.0032, 154] ⊃ EDM's [0.006, 80]."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-5,
+        beta_end=0.02,
+        prediction_type="v_prediction",
+        clip_sample=False,
+    )
