@@ -1,0 +1,123 @@
+"""Sample a model to an .npz: `python -m distill.sample --model PATH --sampler NAME --nfe K ...`.
+
+Writes `images` (N, H, W, C) uint8 and `labels` (N,) int64 (-1 where unconditional), plus a PNG grid
+of the first 100 images next to it. Noise is drawn per sample from (seed, index), so the images do
+not depend on the batch size.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import to_uint8
+from .denoiser import guided
+from .errors import UserError, cli_main
+from .samplers import SAMPLERS, sample, steps_for_nfe
+from .schedule import SCHEDULES
+
+
+def parse_labels(spec: str | None, n: int, num_classes: int | None) -> torch.Tensor | None:
+    """'cycle' -> 0, 1, ..., K-1, 0, ...; '3,5' -> 3, 5, 3, 5, ...; None for unconditional models."""
+    if not num_classes:
+        if spec not in (None, "none"):
+            raise UserError("this model is unconditional; leave out --labels")
+        return None
+    if spec in (None, "cycle"):
+        return torch.arange(n) % num_classes
+    try:
+        ids = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--labels must be 'cycle' or comma-separated class ids, got {spec!r}") from None
+    if not ids:
+        raise UserError("--labels is empty")
+    bad = [i for i in ids if not 0 <= i < num_classes]
+    if bad:
+        raise UserError(f"class label {bad[0]} is out of range; this model has classes 0..{num_classes - 1}")
+    return torch.tensor(ids)[torch.arange(n) % len(ids)]
+
+
+def noise_for(seed: int, start: int, count: int, shape, device="cpu") -> torch.Tensor:
+    """Unit Gaussian noise for samples start..start+count-1, each from its own (seed, index) stream."""
+    out = torch.empty((count, *shape))
+    for j in range(count):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + start + j)
+        out[j] = torch.randn(shape, generator=g)
+    return out.to(device)
+
+
+@torch.no_grad()
+def sample_teacher(teacher, sampler: str, nfe: int, n: int, labels: torch.Tensor | None, seed: int = 0,
+                   guidance: float | None = None, batch_size: int = 250, grid: str | None = None,
+                   progress: bool = True) -> np.ndarray:
+    """n images (N, H, W, C) uint8 from a teacher with a named sampler at `nfe` network calls."""
+    steps_for_nfe(sampler, nfe)  # fail before any work
+    scale = teacher.guidance_scale if guidance is None else guidance
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc=f"{sampler} nfe={nfe}", disable=not progress, leave=False):
+        count = min(batch_size, n - start)
+        noise = noise_for(seed, start, count, teacher.x_shape, teacher.device)
+        cond = teacher.cond(labels=labels[start:start + count]) if labels is not None else teacher.cond()
+        D = guided(teacher.denoiser, scale, teacher.uncond(count))
+        x0 = sample(D, noise, teacher.denoiser.schedule, sampler, nfe, cond, grid)
+        out.append(to_uint8(teacher.decode(x0).float().cpu()).numpy())
+    return np.concatenate(out)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="teacher folder (diffusers layout or factory spec)")
+    p.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS))
+    p.add_argument("--nfe", type=int, default=50, help="network calls per image (Heun: odd)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="sigma grid (default: the sampler's own: discrete for ddim, karras otherwise)")
+    p.add_argument("--n", type=int, default=1000, help="number of images")
+    p.add_argument("--labels", default=None, help="'cycle' (default) or comma-separated class ids")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the teacher's own)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", default=default_device())
+
+
+def run_sampling(args) -> tuple[np.ndarray, np.ndarray | None, object, float]:
+    """Shared by sample and eval: load, validate, sample. Returns images, labels, teacher, seconds."""
+    from .adapters import load_teacher
+
+    if args.n < 1 or args.batch_size < 1:
+        raise UserError("--n and --batch-size must be positive")
+    try:
+        steps_for_nfe(args.sampler, args.nfe)
+    except ValueError as e:
+        raise UserError(f"--nfe {args.nfe}: {e}") from None
+    teacher = load_teacher(args.model).to(args.device)
+    labels = parse_labels(args.labels, args.n, teacher.num_classes)
+    t0 = time.perf_counter()
+    images = sample_teacher(teacher, args.sampler, args.nfe, args.n, labels, args.seed, args.guidance,
+                            args.batch_size, args.schedule)
+    return images, None if labels is None else labels.numpy(), teacher, time.perf_counter() - t0
+
+
+@cli_main
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m distill.sample", description=__doc__.split("\n\n")[0])
+    add_sampling_args(p)
+    p.add_argument("--out", type=Path, default=Path("samples.npz"))
+    args = p.parse_args(argv)
+    images, labels, _, seconds = run_sampling(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    labels = labels if labels is not None else np.full(len(images), -1)
+    np.savez(args.out, images=images, labels=labels.astype(np.int64))
+    from .metrics import save_grid
+
+    grid = save_grid(images[:100], args.out.with_suffix(".png"))
+    print(f"{len(images)} images in {seconds:.1f} s -> {args.out} (grid: {grid})")
+
+
+if __name__ == "__main__":
+    main()
