@@ -6,11 +6,12 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_sd import BOS_ID, EOS_ID, IMAGE_SIZE, make_tiny_sd_dir
 
 from distill.adapters.latent import SDUNetBackbone, SDXLUNetBackbone, load_latent_teacher
 from distill.denoiser import guided
 from distill.errors import UserError
+
+from .tiny_sd import BOS_ID, EOS_ID, IMAGE_SIZE, make_tiny_sd_dir
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 LAYOUTS = {"sd15": False, "sdxl": True}
