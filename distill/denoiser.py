@@ -19,13 +19,17 @@ def check_prediction_type(prediction_type: str) -> str:
     return prediction_type
 
 
-def vp_output_to_x0(out, x_vp, sigma, prediction_type):
-    """Convert a VP model's output at x_vp = alpha * x to x0 (closed forms of DDPM / v-pred)."""
+def vp_output_to_x0(out, x, sigma, prediction_type):
+    """x0 from a VP model's output at x_vp = alpha * x, with x the VE input (closed forms).
+
+    Written on the VE x: eps-pred (x_vp - sigma_vp eps) / alpha = x - sigma eps, which avoids
+    dividing by a tiny alpha at high noise (float32 loses ~1e-3 there otherwise).
+    """
     alpha, sigma_vp = vp_scalings(sigma)
-    if prediction_type == "epsilon":  # x_vp = alpha x0 + sigma_vp eps
-        return (x_vp - sigma_vp * out) / alpha
-    if prediction_type == "v_prediction":  # v = alpha eps - sigma_vp x0
-        return alpha * x_vp - sigma_vp * out
+    if prediction_type == "epsilon":  # x_vp = alpha x0 + sigma_vp eps  <=>  x = x0 + sigma eps
+        return x - sigma * out
+    if prediction_type == "v_prediction":  # v = alpha eps - sigma_vp x0  =>  x0 = alpha x_vp - sigma_vp v
+        return alpha**2 * x - sigma_vp * out
     if prediction_type == "sample":
         return out
     raise ValueError(f"unknown prediction type {prediction_type!r}")
@@ -75,12 +79,12 @@ class VPDenoiser(Denoiser):
         self.prediction_type = check_prediction_type(prediction_type)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        s = _bcast(sigma, x).to(torch.float64)
+        s = _bcast(sigma, x).to(torch.float64)  # scalars in float64, images in x's dtype (fp32)
         alpha, _ = vp_scalings(s)
-        x_vp = (x * alpha).to(x.dtype)  # (N, C, H, W)
-        t = self.schedule.sigma_to_t(s.flatten()).to(device=x.device, dtype=torch.float32)  # (N,)
-        out = self.net(x_vp, t, **(cond or {})).to(torch.float64)
-        return vp_output_to_x0(out, x_vp.to(torch.float64), s, self.prediction_type).to(x.dtype)
+        x_vp = x * alpha.to(x.dtype)  # (N, C, H, W)
+        t = self.schedule.sigma_to_t(s.flatten()).to(torch.float32)  # (N,)
+        out = self.net(x_vp, t, **(cond or {})).to(x.dtype)
+        return vp_output_to_x0(out, x, s.to(x.dtype), self.prediction_type)
 
 
 class EDMDenoiser(Denoiser):
@@ -100,18 +104,18 @@ class EDMDenoiser(Denoiser):
         self.sigma_data = float(sigma_data)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        s = _bcast(sigma, x).to(torch.float64)
+        s = _bcast(sigma, x).to(torch.float64)  # scalars in float64, images in x's dtype (fp32)
         sd = self.sigma_data
         c_in = 1 / (s**2 + sd**2).sqrt()
-        c_noise = (s.flatten().log() / 4).to(device=x.device, dtype=torch.float32)
-        out = self.net((x * c_in).to(x.dtype), c_noise, **(cond or {})).to(torch.float64)
+        c_noise = (s.flatten().log() / 4).to(torch.float32)
+        out = self.net(x * c_in.to(x.dtype), c_noise, **(cond or {})).to(x.dtype)
         if self.prediction_type == "sample":
-            return out.to(x.dtype)
+            return out
         c_skip = sd**2 / (s**2 + sd**2)
         c_out = s * sd / (s**2 + sd**2).sqrt()
         if self.prediction_type == "v_prediction":
             c_out = -c_out
-        return (c_skip * x.to(torch.float64) + c_out * out).to(x.dtype)
+        return c_skip.to(x.dtype) * x + c_out.to(x.dtype) * out
 
 
 def guided(denoiser, scale: float, uncond: dict | None):

@@ -48,20 +48,32 @@ class VPSchedule:
     def t_max(self) -> float:
         return float(self.num_train_timesteps - 1)
 
+    def _log_sigmas_on(self, device) -> torch.Tensor:
+        # A copy per device, so GPU sampling never round-trips sigmas through the CPU.
+        if self.log_sigmas.device != torch.device(device):
+            self._on_device = getattr(self, "_on_device", {})
+            key = str(device)
+            if key not in self._on_device:
+                self._on_device[key] = self.log_sigmas.to(device)
+            return self._on_device[key]
+        return self.log_sigmas
+
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.t_max)
+        log_sigmas = self._log_sigmas_on(t.device)
         lo = t.floor().long().clamp(max=self.num_train_timesteps - 2)
         w = t - lo
-        log_sigma = (1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[lo + 1]
+        log_sigma = (1 - w) * log_sigmas[lo] + w * log_sigmas[lo + 1]
         return log_sigma.exp()
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Inverse of `t_to_sigma` (float64). Sigmas outside the schedule clamp to its ends."""
+        """Inverse of `t_to_sigma` (float64, on sigma's device). Sigmas outside the schedule clamp to its ends."""
         log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
-        log_sigma = log_sigma.clamp(self.log_sigmas[0], self.log_sigmas[-1])
-        hi = torch.searchsorted(self.log_sigmas, log_sigma.contiguous()).clamp(1, self.num_train_timesteps - 1)
+        log_sigmas = self._log_sigmas_on(log_sigma.device)
+        log_sigma = log_sigma.clamp(log_sigmas[0], log_sigmas[-1])
+        hi = torch.searchsorted(log_sigmas, log_sigma.contiguous()).clamp(1, self.num_train_timesteps - 1)
         lo = hi - 1
-        w = (log_sigma - self.log_sigmas[lo]) / (self.log_sigmas[hi] - self.log_sigmas[lo])
+        w = (log_sigma - log_sigmas[lo]) / (log_sigmas[hi] - log_sigmas[lo])
         return lo + w
 
     def discrete_timesteps(self, n: int) -> torch.Tensor:

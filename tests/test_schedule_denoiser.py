@@ -56,7 +56,7 @@ def test_prediction_conversions_round_trip(prediction_type):
     out = vp_target(x0, eps, sigma, prediction_type)
     if prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022)
         assert torch.allclose(out, alpha * eps - sigma_vp * x0)
-    assert torch.allclose(vp_output_to_x0(out, x_vp, sigma, prediction_type), x0, atol=1e-5)
+    assert torch.allclose(vp_output_to_x0(out, x_vp / alpha, sigma, prediction_type), x0, atol=1e-5)
 
 
 class OracleEps(torch.nn.Module):
