@@ -1,0 +1,139 @@
+"""The sampling / eval CLIs and the training entry points, on tiny models and the real digits."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from distill import eval as eval_cli
+from distill import sample as sample_cli
+from distill.adapters import load_teacher
+from distill.checkpoint import load_state
+from distill.data import load_digits_split, to_uint8
+
+
+def run_cli(main, argv, capsys):
+    """Run a CLI main; return (exit code, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_sample_writes_npz_and_grid(tiny_pixel_dir, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    code, err = run_cli(sample_cli.main, ["--model", str(tiny_pixel_dir), "--sampler", "ddim", "--nfe", "2",
+                                          "--n", "7", "--seed", "3", "--out", str(out)], capsys)
+    assert code == 0, err
+    data = np.load(out)
+    assert data["images"].shape == (7, 8, 8, 1) and data["images"].dtype == np.uint8
+    assert data["labels"].tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert out.with_suffix(".png").exists()
+    assert data["images"].std() > 0
+
+
+def test_samples_do_not_depend_on_batch_size(tiny_pixel_dir):
+    teacher = load_teacher(tiny_pixel_dir)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    a = sample_cli.sample_teacher(teacher, "dpmpp-2m", 3, 5, labels, seed=1, batch_size=2, progress=False)
+    b = sample_cli.sample_teacher(teacher, "dpmpp-2m", 3, 5, labels, seed=1, batch_size=5, progress=False)
+    c = sample_cli.sample_teacher(teacher, "dpmpp-2m", 3, 5, labels, seed=2, batch_size=5, progress=False)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_labels_syntax():
+    assert sample_cli.parse_labels("cycle", 12, 10).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert sample_cli.parse_labels("3,5", 5, 10).tolist() == [3, 5, 3, 5, 3]
+    assert sample_cli.parse_labels(None, 3, None) is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "{missing}"], "does not exist"),
+    (["--model", "{empty}"], "holds no loadable teacher"),
+    (["--model", "{teacher}", "--nfe", "0"], "--nfe 0"),
+    (["--model", "{teacher}", "--sampler", "heun", "--nfe", "4"], "must be odd"),
+    (["--model", "{teacher}", "--labels", "7"], "class label 7 is out of range"),
+    (["--model", "{teacher}", "--labels", "a,b"], "--labels must be"),
+    (["--model", "{teacher}", "--sampler", "plms"], "invalid choice"),
+])
+def test_bad_input_is_one_clear_line(argv, message, tiny_pixel_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    paths = {"missing": tmp_path / "nope", "empty": tmp_path / "empty", "teacher": tiny_pixel_dir}
+    argv = [a.format(**paths) for a in argv] + ["--n", "2", "--out", str(tmp_path / "o.npz")]
+    code, err = run_cli(sample_cli.main, argv, capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(("error:", "usage:", "python -m")) or "error:" in err
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "distill.sample", "--model", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: teacher path {tmp_path / 'missing'} does not exist"
+
+
+def test_eval_on_real_heldout_samples(tmp_path, capsys):
+    x, y = load_digits_split("heldout")
+    npz = tmp_path / "real.npz"
+    np.savez(npz, images=to_uint8(x).numpy(), labels=y.numpy())
+    code, err = run_cli(eval_cli.main, ["--samples", str(npz), "--out", str(tmp_path / "ev")], capsys)
+    assert code == 0, err
+    records = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert len(records) == 1 and records[0]["n"] == 360
+    assert records[0]["accuracy"] >= 0.97 and records[0]["fd"] < 0.5
+    assert (tmp_path / "ev" / records[0]["grid"].split("/")[-1]).exists()
+
+
+def test_eval_rejects_both_or_neither(tmp_path, capsys):
+    code, err = run_cli(eval_cli.main, ["--out", str(tmp_path)], capsys)
+    assert code == 2 and "exactly one of --model" in err
+
+
+def test_teacher_training_resumes_exactly(tmp_path, monkeypatch):
+    """Interrupted after the first checkpoint and re-run, training ends with the same weights."""
+    from distill import teacher as teacher_mod
+
+    cfg = teacher_mod.TeacherConfig(steps=4, batch_size=4, checkpoint_every=2, warmup=2)
+    straight = teacher_mod.train_teacher(cfg, tmp_path / "a", tmp_path / "a" / "teacher")
+
+    real_save = teacher_mod.save_state
+
+    def save_then_crash(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt  # stands in for a kill right after the step-2 checkpoint
+
+    monkeypatch.setattr(teacher_mod, "save_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_mod.train_teacher(cfg, tmp_path / "b", tmp_path / "b" / "teacher")
+    assert load_state(tmp_path / "b" / "state.safetensors")["step"] == 2
+    monkeypatch.setattr(teacher_mod, "save_state", real_save)
+    resumed = teacher_mod.train_teacher(cfg, tmp_path / "b", tmp_path / "b" / "teacher")
+
+    assert load_state(tmp_path / "b" / "state.safetensors")["step"] == 4
+    a, b = load_teacher(straight), load_teacher(resumed)
+    for (k, va), vb in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values()):
+        assert torch.equal(va, vb), k
+    meta = json.loads((resumed / "fewstep_teacher.json").read_text())
+    assert meta["num_classes"] == 10 and meta["null_class"] == 10
+    # A different config in the same folder is refused rather than silently mixed.
+    with pytest.raises(Exception, match="different config"):
+        teacher_mod.train_teacher(teacher_mod.TeacherConfig(steps=5, batch_size=4), tmp_path / "b", tmp_path / "c")
+
+
+def test_classifier_training_smoke(tmp_path):
+    from distill.classifier import ClassifierConfig, load_classifier, train_classifier
+
+    acc = train_classifier(ClassifierConfig(epochs=1, batch_size=64), tmp_path / "clf")
+    model = load_classifier(tmp_path / "clf")
+    x, y = load_digits_split("heldout")
+    with torch.no_grad():
+        assert model.features(x[:5]).shape == (5, 64)
+        recomputed = (model(x).argmax(1) == y).float().mean().item()
+    assert recomputed == pytest.approx(acc)
+    assert acc > 0.2  # one epoch already beats chance (0.1)
