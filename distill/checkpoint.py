@@ -20,9 +20,11 @@ _META_KEY = "fewstep_state"
 
 def _flatten(obj, prefix: str, tensors: dict):
     if isinstance(obj, torch.Tensor):
+        # Named by a counter, not by path: keys 0 and "0" (or "a/b" and a nested "a" -> "b") stay apart.
         # safetensors refuses tensors that share storage (EMA copies, views): store a private copy.
-        tensors[prefix] = obj.detach().to("cpu", copy=True).contiguous()
-        return {"__tensor__": prefix}
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": name}
     if isinstance(obj, dict):  # keys keep their type (optimizer states use int keys)
         return {"__dict__": [[k, _flatten(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):

@@ -39,6 +39,9 @@ class TeacherConfig:
     checkpoint_every: int = 250
 
 
+SAMPLING_ONLY = {"guidance_scale"}  # config fields that do not affect training (may change on resume)
+
+
 def lr_at(step: int, cfg: TeacherConfig) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < cfg.warmup:
@@ -89,8 +92,10 @@ def train_teacher(cfg: TeacherConfig, work_dir: Path, out_dir: Path) -> Path:
     state_path = work_dir / "state.safetensors"
     if state_path.exists():
         state = load_state(state_path)
-        if state["config"] != asdict(cfg):
-            raise UserError(f"{state_path} was written with a different config; use another --work folder")
+        changed = [k for k, v in asdict(cfg).items() if k not in SAMPLING_ONLY and state["config"].get(k) != v]
+        if changed:
+            raise UserError(f"{state_path} was written with a different config ({', '.join(changed)}); "
+                            "use another --work folder")
         unet.load_state_dict(state["unet"])
         opt.load_state_dict(state["opt"])
         ema = state["ema"]

@@ -42,11 +42,13 @@ def import_factory(ref: str, base: Path):
     try:
         if mod_name.endswith(".py"):
             file = (base / mod_name).resolve()
-            spec = importlib.util.spec_from_file_location(file.stem, file)
+            # A private module name: a user file called json.py must not replace the real json module.
+            name = f"fewstep_factory_{abs(hash(str(file))):x}_{file.stem}"
+            spec = importlib.util.spec_from_file_location(name, file)
             if spec is None or not file.exists():
                 raise UserError(f"factory file {file} does not exist")
             module = importlib.util.module_from_spec(spec)
-            sys.modules[file.stem] = module
+            sys.modules[name] = module
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(mod_name)
