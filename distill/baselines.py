@@ -7,6 +7,7 @@ student is compared with. Writes OUT/teacher_baselines.{md,json,png} and a sampl
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -81,6 +82,14 @@ def write_report(rows: list[dict], floor: dict, meta: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def _shown(path: Path) -> str:
+    """The path relative to the working directory when it lies below it (reports stay machine-independent)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 @cli_main
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m distill.baselines", description=__doc__.split("\n\n")[0])
@@ -92,6 +101,8 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the teacher's own)")
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--device", default=default_device())
+    p.add_argument("--save-in-teacher", action="store_true",
+                   help="also write fewstep_baselines.json into the teacher folder (distill.run compares with it)")
     args = p.parse_args(argv)
     try:
         nfes = [int(k) for k in args.nfe.split(",")]
@@ -100,10 +111,12 @@ def main(argv=None):
     samplers = args.samplers.split(",")
     teacher_scale = load_teacher(args.teacher).guidance_scale
     rows = run_baselines(args.teacher, args.n, nfes, samplers, args.seed, args.guidance, args.out, args.device)
-    meta = {"teacher": str(args.teacher), "n": args.n, "seed": args.seed,
+    meta = {"teacher": _shown(args.teacher), "n": args.n, "seed": args.seed,
             "guidance": args.guidance if args.guidance is not None else teacher_scale,
             "device": args.device, "threads": torch.get_num_threads()}
     write_report(rows, real_data_floor(), meta, args.out)
+    if args.save_in_teacher:
+        shutil.copyfile(args.out / "teacher_baselines.json", args.teacher / "fewstep_baselines.json")
     print(f"wrote {args.out / 'teacher_baselines.md'}, .json and .png")
     return np.array([r["fd"] for r in rows])
 

@@ -88,3 +88,19 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep only the JSON-lines records of steps before `step`: a resumed run rewrites what came after its
+    checkpoint, so the log shows every step once."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if lines:  # a crash mid-write (power loss, disk full) can leave the last line torn: it is dropped
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    lines = [line for line in lines if json.loads(line)["step"] < step]
+    path.write_text("".join(line + "\n" for line in lines))

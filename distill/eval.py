@@ -66,10 +66,14 @@ def main(argv=None):
         record = {"model": str(args.samples), "sampler": None, "nfe": None}
         seconds = None
     else:
-        images, labels, teacher, seconds = run_sampling(args)
-        scale = teacher.guidance_scale if args.guidance is None else args.guidance
-        record = {"model": str(args.model), "sampler": args.sampler, "nfe": args.nfe,
-                  "schedule": args.schedule, "guidance": scale, "seed": args.seed}
+        images, labels, model, seconds = run_sampling(args)
+        if hasattr(model, "manifest"):  # a student bundle: its own loop, guidance built in
+            nfe = args.nfe if args.nfe is not None else model.nfes[-1]
+            record = {"model": str(args.model), "sampler": model.manifest["method"], "nfe": nfe, "seed": args.seed}
+        else:
+            scale = model.guidance_scale if args.guidance is None else args.guidance
+            record = {"model": str(args.model), "sampler": args.sampler, "nfe": args.nfe,
+                      "schedule": args.schedule, "guidance": scale, "seed": args.seed}
     reference = load_npz(args.reference)[0] if args.reference else None
     result = evaluate_images(images, labels, args.inception_weights, reference)
     record.update({"n": len(images), **result, "sample_seconds": seconds and round(seconds, 2)})

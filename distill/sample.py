@@ -6,6 +6,7 @@ not depend on the batch size.
 """
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -67,14 +68,44 @@ def sample_teacher(teacher, sampler: str, nfe: int, n: int, labels: torch.Tensor
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def sample_student(bundle, nfe: int | None, n: int, labels: torch.Tensor | None, seed: int = 0,
+                   batch_size: int = 250, progress: bool = True, decode=None) -> np.ndarray:
+    """n images (N, H, W, C) uint8 from a student bundle with its own loop at `nfe` calls (default: its most).
+
+    Each sample's starting noise and re-noising draws come from its own (seed, index) stream, so images do
+    not depend on the batch size. `decode` maps the student's space to images (latent students: the VAE).
+    """
+    nfe = bundle.nfes[-1] if nfe is None else nfe
+    bundle.sigmas(nfe)  # fail before any work on an NFE the student does not serve
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc=f"student nfe={nfe}", disable=not progress, leave=False):
+        count = min(batch_size, n - start)
+        draws = noise_for(seed, start, count, (nfe, *bundle.x_shape), bundle.device)  # (N, nfe, C, H, W)
+        cond = bundle.cond(labels[start:start + count] if labels is not None else None)
+        x0 = bundle.generate(draws[:, 0], cond, nfe, fresh_noise=draws[:, 1:].transpose(0, 1))
+        x0 = decode(x0) if decode is not None else x0
+        out.append(to_uint8(x0.float().cpu()).numpy())
+    return np.concatenate(out)
+
+
+def is_student(path: Path) -> bool:
+    from .bundle import MANIFEST_NAME
+
+    return (Path(path) / MANIFEST_NAME).exists()
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="teacher folder (diffusers layout or factory spec)")
-    p.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS))
-    p.add_argument("--nfe", type=int, default=50, help="network calls per image (Heun: odd)")
+    p.add_argument("--model", required=True, type=Path,
+                   help="teacher folder (diffusers layout or factory spec) or student bundle (fewstep_student.json)")
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                   help="teacher sampler (default dpmpp-2m); students use their own loop")
+    p.add_argument("--nfe", type=int, default=None,
+                   help="network calls per image (Heun: odd); default 50 for a teacher, a student's most")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="sigma grid (default: the sampler's own: discrete for ddim, karras otherwise)")
     p.add_argument("--n", type=int, default=1000, help="number of images")
@@ -91,6 +122,12 @@ def run_sampling(args) -> tuple[np.ndarray, np.ndarray | None, object, float]:
 
     if args.n < 1 or args.batch_size < 1:
         raise UserError("--n and --batch-size must be positive")
+    if not Path(args.model).exists():
+        raise UserError(f"model path {args.model} does not exist")
+    if is_student(args.model):
+        return _run_student_sampling(args)
+    args.sampler = args.sampler or "dpmpp-2m"
+    args.nfe = 50 if args.nfe is None else args.nfe
     try:
         steps_for_nfe(args.sampler, args.nfe)
     except ValueError as e:
@@ -101,6 +138,27 @@ def run_sampling(args) -> tuple[np.ndarray, np.ndarray | None, object, float]:
     images = sample_teacher(teacher, args.sampler, args.nfe, args.n, labels, args.seed, args.guidance,
                             args.batch_size, args.schedule)
     return images, None if labels is None else labels.numpy(), teacher, time.perf_counter() - t0
+
+
+def _run_student_sampling(args) -> tuple[np.ndarray, np.ndarray | None, object, float]:
+    from .bundle import load_bundle
+
+    bundle = load_bundle(args.model)
+    if bundle.manifest["family"] != "pixel":
+        raise UserError(f"{args.model} is a {bundle.manifest['family']} student; sampling it from the command line "
+                        "needs its teacher's text encoders and VAE: use the runtime (see README)")
+    if args.sampler is not None:
+        print(f"note: --sampler {args.sampler} is ignored; a {bundle.manifest['method']} student samples with its "
+              "own loop", file=sys.stderr)
+    if args.guidance is not None:
+        print("note: --guidance is ignored; a distilled student has its guidance built in", file=sys.stderr)
+    if args.nfe is not None and args.nfe not in bundle.nfes:
+        raise UserError(f"--nfe {args.nfe}: this student serves NFE {', '.join(map(str, bundle.nfes))}")
+    bundle.to(args.device)
+    labels = parse_labels(args.labels, args.n, bundle.num_classes)
+    t0 = time.perf_counter()
+    images = sample_student(bundle, args.nfe, args.n, labels, args.seed, args.batch_size)
+    return images, None if labels is None else labels.numpy(), bundle, time.perf_counter() - t0
 
 
 @cli_main

@@ -75,7 +75,7 @@ def test_real_process_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distill.sample", "--model", str(tmp_path / "missing")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: teacher path {tmp_path / 'missing'} does not exist"
+    assert proc.stderr.strip() == f"error: model path {tmp_path / 'missing'} does not exist"
 
 
 def test_eval_on_real_heldout_samples(tmp_path, capsys):

@@ -1,0 +1,185 @@
+"""The student bundle (DESIGN.md §1): a diffusers UNet plus one manifest that says how to sample it.
+
+    student/
+      unet/                    config.json + diffusion_pytorch_model.safetensors (save_pretrained)
+      fewstep_student.json     the manifest (below)
+
+Manifest (format_version 1):
+
+    {"format_version": 1, "method": "dmd2", "family": "pixel" | "latent",
+     "model_class": "UNet2DModel" | "UNet2DConditionModel", "prediction_type": "epsilon" | ...,
+     "schedule": {"kind": "vp", "scheduler_config": {...}},
+     "nfe": {"1": {"timesteps": [999], "sigmas": [...]}, "4": {...}},   # sigmas exclude the final 0
+     "renoise": "fresh_noise",
+     "conditioning": {"kind": "class", "num_classes": K, "null_class": K} | {"kind": "none"}
+                     | {"kind": "text", "teacher": PATH, "sdxl": bool},
+     "image": {"channels", "height", "width", "value_range": [-1, 1]} (+ "latent_shape" for latent students),
+     "teacher": PATH, "metrics": {}, "training": {...}}
+
+Loading needs no training code: `load_bundle(path).generate(noise, cond, nfe)`.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .denoiser import VPDenoiser
+from .errors import UserError
+from .schedule import VPSchedule
+
+MANIFEST_NAME = "fewstep_student.json"
+FORMAT_VERSION = 1
+REQUIRED = ("format_version", "method", "family", "model_class", "prediction_type", "schedule", "nfe", "renoise",
+            "conditioning", "image")
+
+
+def sample_dmd2(D, x: torch.Tensor, sigmas: torch.Tensor, cond: dict | None = None,
+                noises: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DMD2's few-step loop (Yin et al. 2024, §4.5): x0 = G(x, sigma_k); x = x0 + sigma_{k+1} * fresh noise.
+
+    `x` is the first input (noise * sigmas[0]); `sigmas` are the student's own, without a final 0.
+    The fresh noise comes from `noises` (one (N, C, H, W) tensor per re-noising), else from `generator`.
+    (The other samplers live in samplers.py; this one sits here so a bundle samples without them.)
+    """
+    x0 = x
+    for k in range(len(sigmas)):
+        x0 = D(x, sigmas[k].to(device=x.device, dtype=x.dtype).expand(x.shape[0]), cond)
+        if k + 1 < len(sigmas):
+            if noises is not None:
+                eps = noises[k].to(x)
+            else:
+                device = generator.device if generator is not None else x.device
+                eps = torch.randn(x.shape, generator=generator, device=device).to(x)
+            x = x0 + sigmas[k + 1].item() * eps
+    return x0
+
+
+def write_bundle(out_dir: str | Path, student_unet, manifest: dict) -> Path:
+    """Write unet/ (safetensors) and the manifest atomically: a temp folder renamed over the old one."""
+    out_dir = Path(out_dir)
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise ValueError(f"the student manifest lacks {', '.join(missing)}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"this code writes format_version {FORMAT_VERSION}, got {manifest['format_version']}")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student_unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    if out_dir.exists():  # two renames: the old bundle disappears only once the new one is complete
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
+class StudentBundle:
+    """A loaded student: `denoiser` (VPDenoiser over the student backbone) and the manifest's recipes."""
+
+    def __init__(self, manifest: dict, denoiser: VPDenoiser, source: str):
+        self.manifest = manifest
+        self.denoiser = denoiser
+        self.source = source
+        self.x_shape = tuple(manifest["image"].get("latent_shape") or
+                             (manifest["image"][k] for k in ("channels", "height", "width")))
+        cond = manifest["conditioning"]
+        self.num_classes = cond.get("num_classes") if cond["kind"] == "class" else None
+
+    @property
+    def nfes(self) -> list[int]:
+        """The step counts this student serves."""
+        return sorted(int(n) for n in self.manifest["nfe"])
+
+    def sigmas(self, nfe: int) -> torch.Tensor:
+        """The student's own noise levels for `nfe` calls (float64, no final 0)."""
+        entry = self.manifest["nfe"].get(str(nfe))
+        if entry is None:
+            raise UserError(f"this {self.manifest['method']} student serves NFE {', '.join(map(str, self.nfes))}, "
+                            f"not {nfe}")
+        return torch.tensor(entry["sigmas"], dtype=torch.float64)
+
+    def cond(self, labels=None) -> dict:
+        """The condition dict for class labels (class students) or {} (unconditional students)."""
+        if self.num_classes is None:
+            if labels is not None:
+                raise UserError("this student is not class-conditional; it takes no labels")
+            return {}
+        if labels is None:
+            raise UserError(f"this student is class-conditional: give labels in 0..{self.num_classes - 1}")
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise UserError(f"class labels must lie in 0..{self.num_classes - 1}")
+        return {"class_labels": labels}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def to(self, device) -> "StudentBundle":
+        self.denoiser.to(device)
+        return self
+
+    @torch.no_grad()
+    def generate(self, noise: torch.Tensor, cond: dict | None = None, nfe: int | None = None,
+                 generator: torch.Generator | None = None, fresh_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x0 for unit-variance `noise` (N, C, H, W) in `nfe` calls (default: the most the student serves).
+
+        Re-noising between steps uses `fresh_noise` ((nfe - 1, N, C, H, W)) if given, else `generator`.
+        """
+        sigmas = self.sigmas(self.nfes[-1] if nfe is None else nfe)
+        x = noise.float() * sigmas[0].item()
+        return sample_dmd2(self.denoiser, x, sigmas, cond, fresh_noise, generator)
+
+
+def _backbone(manifest: dict, unet):
+    """The family's backbone wrapper (the teacher adapters' own classes)."""
+    if manifest["family"] == "pixel":
+        from .adapters.pixel import PixelUNetBackbone
+
+        return PixelUNetBackbone(unet)
+    if manifest["family"] == "latent":
+        from .adapters.latent import SDUNetBackbone, SDXLUNetBackbone
+
+        xl = unet.config.get("addition_embed_type") == "text_time"
+        return SDXLUNetBackbone(unet) if xl else SDUNetBackbone(unet)
+    raise UserError(f"unknown student family {manifest['family']!r}; this fewstep knows pixel and latent")
+
+
+def load_bundle(path: str | Path) -> StudentBundle:
+    """Load a student bundle strictly (every weight matched) and check its manifest."""
+    import diffusers
+
+    from .adapters.loading import load_diffusers_model, read_json
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"student bundle {path} does not exist (or is not a folder)")
+    if not (path / MANIFEST_NAME).exists():
+        raise UserError(f"{path} has no {MANIFEST_NAME}: not a fewstep student bundle")
+    manifest = read_json(path / MANIFEST_NAME)
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{path}: student format_version {version!r} is not supported (this fewstep reads "
+                        f"{FORMAT_VERSION}); use the fewstep version that wrote it")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise UserError(f"{path / MANIFEST_NAME} lacks {', '.join(missing)}")
+    if manifest["renoise"] != "fresh_noise":
+        raise UserError(f"{path}: unknown re-noising rule {manifest['renoise']!r} (known: fresh_noise)")
+    if manifest["schedule"].get("kind") != "vp":
+        raise UserError(f"{path}: unknown schedule kind {manifest['schedule'].get('kind')!r} (known: vp)")
+    if manifest["model_class"] not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise UserError(f"{path}: model_class {manifest['model_class']!r} is not a supported diffusers UNet")
+    if not manifest["nfe"]:
+        raise UserError(f"{path}: the manifest lists no NFE to sample with")
+    unet = load_diffusers_model(getattr(diffusers, manifest["model_class"]), path / "unet")
+    schedule = VPSchedule.from_scheduler_config(manifest["schedule"]["scheduler_config"])
+    denoiser = VPDenoiser(_backbone(manifest, unet), schedule, manifest["prediction_type"]).eval()
+    return StudentBundle(manifest, denoiser, source=str(path))

@@ -1,0 +1,634 @@
+"""DMD2 training (Yin et al., "Improved Distribution Matching Distillation", NeurIPS 2024; DESIGN.md §3).
+
+Three networks start from the teacher: the *real score* (the frozen teacher, with CFG), the *fake score*
+(a trainable copy that tracks the student's output distribution, with a GAN head on its bottleneck) and
+the *generator* (the student, a trainable copy). Each step updates the fake score; every
+`dfake_gen_update_ratio`-th step also updates the generator first (the two time-scale update rule).
+Multi-step students use fixed timesteps and backward simulation. The result is a student bundle
+(bundle.py) in out_dir/student; out_dir/state.safetensors makes re-running the same call resume.
+"""
+
+import contextlib
+import copy
+import json
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .bundle import FORMAT_VERSION, write_bundle
+from .checkpoint import load_state, rng_state, save_state, set_rng_state, truncate_log
+from .denoiser import VPDenoiser, guided
+from .errors import UserError
+from .gan_head import BottleneckTap, FakeScore, GANHead
+from .losses import WEIGHTINGS, denoising_loss, dm_loss, gan_d_loss, gan_g_loss, regression_loss
+
+# Where LoRA goes when `lora_rank` is set: attention projections, feed-forwards and resnet convs (the
+# DMD2 SDXL list); names a UNet lacks are skipped by peft.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+@dataclass
+class DMD2Config:
+    steps: int = 20000
+    batch_size: int = 32
+    lr_generator: float = 2e-6  # the reference's ImageNet-64 setting; 1e-5 for SD 1.5
+    lr_fake: float = 2e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    warmup: int = 500  # linear LR warm-up steps, then constant
+    dfake_gen_update_ratio: int = 5  # two time-scale rule: the generator updates every N-th step (10 for SD 1.5)
+    guidance_scale: float | None = None  # real-score CFG; None = the teacher's default
+    use_gan: bool = True
+    gan_g_weight: float = 3e-3
+    gan_d_weight: float = 1e-2  # the GAN is off when use_gan is False or both weights are 0
+    min_t: float = 0.02  # DM loss noise range, as fractions of the teacher's timesteps
+    max_t: float = 0.98
+    student_timesteps: tuple[int, ...] = (999,)  # e.g. (999, 749, 499, 249) for a 4-step student
+    backward_simulation: bool = True  # multi-step inputs from the student's own steps (else noised real data)
+    regression_weight: float = 0.0  # the original DMD's regression loss (needs regression pairs); off in DMD2
+    ema_decay: float | None = None
+    lora_rank: int | None = None  # LoRA (peft) on the generator only
+    mixed_precision: str | None = None  # "no" | "bf16" | "fp16"; None = bf16 on CUDA, no on CPU
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 10
+
+
+@dataclass
+class Nets:
+    """The networks of one DMD2 run (plain holder, no behaviour).
+
+    `generator_train` / `fake_train` are what `accelerate` prepared (DDP wrappers when distributed); they
+    are called once per update, by the forward whose loss trains them. Every other call (no-grad
+    simulation, the frozen fake score inside the generator's losses) goes to the plain modules, so a DDP
+    reducer never sees a second forward before its backward.
+    """
+
+    real: VPDenoiser  # frozen teacher
+    generator: VPDenoiser
+    fake: FakeScore  # fake score + GAN head
+    generator_train: torch.nn.Module
+    fake_train: torch.nn.Module
+    guidance_scale: float
+    uncond: object  # n -> the teacher's null condition (or None)
+    weighting: object  # the fake score's denoising weighting (its prediction type's)
+    sigma0: float  # the student's first (top) noise level
+
+
+@dataclass
+class Batch:
+    """Everything random about one step, drawn up front from the run's generator (so resuming is exact)."""
+
+    cond: dict  # the student's (and fake score's) condition
+    k: int  # which student step is trained
+    noise: torch.Tensor  # (N, C, H, W) the student's starting noise
+    renoise: torch.Tensor  # (k, N, C, H, W) fresh noise for backward simulation
+    sigma_dm: torch.Tensor  # (N,) DM-loss noise level, t in [min_t, max_t]
+    eps_dm: torch.Tensor
+    sigma_gan_g: torch.Tensor  # (N,) noise level of generated images in the generator's GAN loss
+    eps_gan_g: torch.Tensor
+    sigma_fake: torch.Tensor  # (N,) fake-score denoising (and GAN fake) noise level, full range
+    eps_fake: torch.Tensor
+    real: torch.Tensor | None  # (N, C, H, W) real data in the denoiser's space
+    real_cond: dict
+    sigma_real: torch.Tensor | None
+    eps_real: torch.Tensor | None
+    pairs: tuple | None  # (noise, cond, teacher x0) for the regression loss
+
+
+def gan_enabled(cfg: DMD2Config) -> bool:
+    return cfg.use_gan and (cfg.gan_g_weight > 0 or cfg.gan_d_weight > 0)
+
+
+def resolve_precision(cfg: DMD2Config, device: torch.device) -> str:
+    """bf16 autocast on CUDA, fp32 on CPU unless asked (the reference found fp16 to diverge)."""
+    precision = cfg.mixed_precision or ("bf16" if device.type == "cuda" else "no")
+    if precision not in ("no", "bf16", "fp16"):
+        raise UserError(f"mixed_precision must be no, bf16 or fp16, got {precision!r}")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def lr_at(step: int, lr: float, cfg: DMD2Config) -> float:
+    """Linear warm-up over `warmup` steps, then constant (the reference's schedule)."""
+    return lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else lr
+
+
+def sigma_at(schedule, u: torch.Tensor) -> torch.Tensor:
+    """The teacher's noise level at t = u * t_max (u in [0, 1]), float32."""
+    return schedule.t_to_sigma(u.double() * schedule.t_max).float()
+
+
+def served_nfes(timesteps) -> dict[int, list[int]]:
+    """NFE -> timesteps the student serves: all of its steps, and the first alone (always pure noise in)."""
+    timesteps = [int(t) for t in timesteps]
+    return {1: timesteps[:1], len(timesteps): timesteps}
+
+
+@contextlib.contextmanager
+def frozen(*modules):
+    """Parameters of `modules` need no gradient inside (gradients still flow through them to inputs)."""
+    flags = [(p, p.requires_grad) for m in modules if m is not None for p in m.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class NonFiniteLoss(UserError):
+    """A NaN / inf loss: training stops before the bad update reaches any weights or checkpoint."""
+
+
+def check_finite(losses: dict, step: int, accelerator) -> None:
+    """Raise NonFiniteLoss on every process when any process has a NaN / inf loss (none may hang)."""
+    values = torch.stack([v.detach().float() for v in losses.values()])
+    bad = (~torch.isfinite(values)).float()
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bool(bad.any()):
+        name, value = next((k, v) for (k, v), b in zip(losses.items(), bad) if b)
+        raise NonFiniteLoss(f"step {step}: the {name} loss is {value.item()}")
+
+
+def _per_sample(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return s.to(x).reshape(-1, *([1] * (x.ndim - 1)))  # (N,) -> (N, 1, 1, 1)
+
+
+def cat_cond(*conds: dict) -> dict:
+    """Batch-first condition dicts joined along the batch (one forward for several inputs)."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def _optimizer_step(loss, opt, scaler, params, cfg: DMD2Config, accelerator) -> float:
+    """backward, unscale, clip to cfg.grad_clip, step; returns the gradient norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return float(grad_norm)
+
+
+def student_input(generator, sigmas: torch.Tensor, batch: Batch, cfg: DMD2Config) -> torch.Tensor:
+    """The generator's input at its k-th timestep (DMD2 §4.5).
+
+    k = 0: pure noise at the top sigma. Otherwise backward simulation: k student steps from noise without
+    grad, each x0 = G(x, sigma_i) re-noised to sigma_{i+1} with fresh noise, so training sees what
+    inference feeds the generator; without it, real data noised to sigma_k (DMD2's ablation).
+    """
+    x = batch.noise * sigmas[0].item()  # (N, C, H, W)
+    if batch.k == 0:
+        return x
+    if not cfg.backward_simulation:
+        return batch.real + sigmas[batch.k].item() * batch.noise
+    with torch.no_grad():
+        for i in range(batch.k):
+            x0 = generator(x, sigmas[i].to(x).expand(x.shape[0]), batch.cond)
+            x = x0.float() + sigmas[i + 1].item() * batch.renoise[i]
+    return x
+
+
+def generator_step(nets: Nets, opt, scaler, batch: Batch, x_in: torch.Tensor, sigma_in: torch.Tensor,
+                   cfg: DMD2Config, step: int, accelerator, precision: str) -> tuple[dict, torch.Tensor]:
+    """One generator update: DM loss (+ w_G * GAN loss, + regression). Returns logs and the detached output."""
+    params = [p for p in nets.generator.parameters() if p.requires_grad]
+    n, device = x_in.shape[0], x_in.device
+    inputs, sigmas, cond = x_in, sigma_in, batch.cond
+    if batch.pairs is not None:  # the regression pairs ride in the same forward (one DDP forward per update)
+        p_noise, p_cond, p_target = batch.pairs
+        inputs = torch.cat([x_in, p_noise * nets.sigma0])
+        sigmas = torch.cat([sigma_in, sigma_in.new_full((len(p_noise),), nets.sigma0)])
+        cond = cat_cond(batch.cond, p_cond)
+    with autocast(device, precision):
+        out = nets.generator_train(inputs, sigmas, cond)
+    x = out[:n].float()  # (N, C, H, W) the student's x0, with grad
+    # DM loss (DMD2 eq. 2 / DESIGN §3): real (CFG) and fake x0 at a noised copy of x.
+    x_t = (x + _per_sample(batch.sigma_dm, x) * batch.eps_dm).detach()
+    with torch.no_grad(), autocast(device, precision):
+        real_x0 = guided(nets.real, nets.guidance_scale, nets.uncond(n))(x_t, batch.sigma_dm, batch.cond)
+        fake_x0, _ = nets.fake(x_t, batch.sigma_dm, batch.cond, logits=False)
+    losses = {"dm": dm_loss(x, real_x0, fake_x0)}
+    total = losses["dm"]
+    if nets.fake.head is not None and cfg.gan_g_weight > 0:
+        # Non-saturating GAN loss through the frozen fake score and head, back to x.
+        with frozen(nets.fake), autocast(device, precision):
+            _, logits = nets.fake(x + _per_sample(batch.sigma_gan_g, x) * batch.eps_gan_g, batch.sigma_gan_g,
+                                  batch.cond)
+        losses["gan_g"] = gan_g_loss(logits)
+        total = total + cfg.gan_g_weight * losses["gan_g"]
+    if batch.pairs is not None:
+        # The original DMD's regression: G(noise at the top sigma) against the teacher's ODE output.
+        losses["regression"] = regression_loss(out[n:], p_target)
+        total = total + cfg.regression_weight * losses["regression"]
+    check_finite(losses, step, accelerator)
+    grad_norm = _optimizer_step(total, opt, scaler, params, cfg, accelerator)
+    return {f"loss_{k}": v.item() for k, v in losses.items()} | {"grad_norm_generator": grad_norm}, x.detach()
+
+
+def fake_step(nets: Nets, opt, scaler, batch: Batch, x_gen: torch.Tensor, cfg: DMD2Config, step: int,
+              accelerator, precision: str) -> dict:
+    """One fake-score update: denoising loss on detached generator samples (+ w_D * GAN head loss on real data).
+
+    Generated and real images go through the fake score in one forward: its x0 on the generated half
+    feeds the denoising loss, the head's logits on both halves the discriminator loss.
+    """
+    params = [p for group in opt.param_groups for p in group["params"]]
+    n = x_gen.shape[0]
+    x_gen = x_gen.detach().float()
+    inputs = x_gen + _per_sample(batch.sigma_fake, x_gen) * batch.eps_fake
+    sigmas, cond = batch.sigma_fake, batch.cond
+    if nets.fake.head is not None:
+        inputs = torch.cat([inputs, batch.real + _per_sample(batch.sigma_real, batch.real) * batch.eps_real])
+        sigmas = torch.cat([sigmas, batch.sigma_real])
+        cond = cat_cond(batch.cond, batch.real_cond)
+    with autocast(x_gen.device, precision):
+        x0, logits = nets.fake_train(inputs, sigmas, cond)
+    losses = {"fake": denoising_loss(x0[:n], x_gen, batch.sigma_fake, nets.weighting)}
+    total = losses["fake"]
+    if logits is not None:
+        losses["gan_d"] = gan_d_loss(logits[n:], logits[:n])
+        total = total + cfg.gan_d_weight * losses["gan_d"]
+    check_finite(losses, step, accelerator)
+    grad_norm = _optimizer_step(total, opt, scaler, params, cfg, accelerator)
+    return {f"loss_{k}": v.item() for k, v in losses.items()} | {"grad_norm_fake": grad_norm}
+
+
+def _condition(teacher, labels) -> dict:
+    """The teacher's condition for class ids (class teachers), captions (text teachers) or nothing."""
+    if teacher.conditioning == "class":
+        return teacher.cond(labels=labels)
+    if teacher.conditioning == "text":
+        return teacher.cond(prompts=list(labels))
+    return teacher.cond()
+
+
+def draw_batch(cfg: DMD2Config, teacher, real_data, pairs, num_student_steps: int, gen: torch.Generator,
+               device, rank: int = 0, world: int = 1) -> Batch:
+    """All the randomness of one step, from the run's generator, in a fixed order.
+
+    Every process draws the global batch (world * batch_size) from the same generator and keeps its own
+    slice: one random stream, so a resumed or re-sharded run sees the same data, and k agrees everywhere.
+    """
+    n, shape, schedule = cfg.batch_size * world, teacher.x_shape, teacher.denoiser.schedule
+    mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+
+    def randn(*lead):  # (*lead, N, C, H, W) -> this process's rows
+        return torch.randn((*lead, n, *shape), generator=gen)[..., mine, :, :, :].to(device)
+
+    def sigmas(lo=0.0, hi=1.0):
+        return sigma_at(schedule, lo + (hi - lo) * torch.rand(n, generator=gen))[mine].to(device)
+
+    images, labels = real_data if real_data is not None else (None, None)
+    if teacher.conditioning == "class":
+        cond_labels = torch.randint(0, teacher.num_classes, (n,), generator=gen)[mine]
+    elif teacher.conditioning == "text":  # prompts are the real data's captions
+        cond_labels = [labels[i] for i in torch.randint(0, len(labels), (n,), generator=gen)[mine].tolist()]
+    else:
+        cond_labels = None
+    cond = _condition(teacher, cond_labels)
+    k = int(torch.randint(0, num_student_steps, (), generator=gen))
+    noise = randn()
+    renoise = randn(k) if cfg.backward_simulation else randn(0)
+    sigma_dm, eps_dm = sigmas(cfg.min_t, cfg.max_t), randn()
+    sigma_gan_g, eps_gan_g = sigmas(), randn()
+    sigma_fake, eps_fake = sigmas(), randn()
+    real, real_cond, sigma_real, eps_real = None, {}, None, None
+    if images is not None:
+        idx = torch.randint(0, len(images), (n,), generator=gen)[mine]
+        real = images[idx].to(device)
+        if tuple(real.shape[1:]) != tuple(shape):  # images of a latent teacher: encode to its space
+            with torch.no_grad():
+                real = teacher.encode(real).float()
+        real_labels = None if labels is None else (labels[idx] if torch.is_tensor(labels)
+                                                   else [labels[i] for i in idx.tolist()])
+        real_cond = _condition(teacher, real_labels)
+        sigma_real, eps_real = sigmas(), randn()
+        if k > 0 and not cfg.backward_simulation:  # the generator's input is this real image, noised: its condition
+            cond = real_cond
+    batch_pairs = None
+    if pairs is not None:
+        idx = torch.randint(0, len(pairs[0]), (n,), generator=gen)[mine]
+        p_noise, p_labels, p_x0 = pairs
+        p_cond = _condition(teacher, p_labels[idx] if p_labels is not None else None)
+        batch_pairs = (p_noise[idx].to(device), p_cond, p_x0[idx].to(device))
+    return Batch(cond, k, noise, renoise, sigma_dm, eps_dm, sigma_gan_g, eps_gan_g, sigma_fake, eps_fake,
+                 real, real_cond, sigma_real, eps_real, batch_pairs)
+
+
+@torch.no_grad()
+def make_regression_pairs(teacher, n: int, nfe: int = 25, seed: int = 0, guidance: float | None = None,
+                          batch_size: int = 64) -> tuple:
+    """The original DMD's (noise, labels, teacher ODE output) pairs, from DPM-Solver++(2M) at `nfe` calls."""
+    from .sample import noise_for
+    from .samplers import sample
+
+    labels = torch.arange(n) % teacher.num_classes if teacher.conditioning == "class" else None
+    scale = teacher.guidance_scale if guidance is None else guidance
+    noises, outs = [], []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        noise = noise_for(seed, start, count, teacher.x_shape, teacher.device)
+        cond = teacher.cond(labels=labels[start:start + count]) if labels is not None else teacher.cond()
+        D = guided(teacher.denoiser, scale, teacher.uncond(count))
+        outs.append(sample(D, noise, teacher.denoiser.schedule, "dpmpp-2m", nfe, cond).cpu())
+        noises.append(noise.cpu())
+    return torch.cat(noises), labels, torch.cat(outs)
+
+
+def check_setup(cfg: DMD2Config, teacher, real_data, pairs) -> None:
+    """Fail before any work on settings that cannot run."""
+    if not isinstance(teacher.denoiser, VPDenoiser) or not hasattr(teacher.denoiser.net, "unet"):
+        raise UserError("DMD2 here distils diffusers UNet teachers with a DDPM-family (VP) schedule "
+                        f"(pixel or latent); {teacher.describe()} is not one")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.dfake_gen_update_ratio < 1:
+        raise UserError("steps, batch_size and dfake_gen_update_ratio must be positive")
+    if not 0 <= cfg.min_t < cfg.max_t <= 1:
+        raise UserError(f"need 0 <= min_t < max_t <= 1, got {cfg.min_t}, {cfg.max_t}")
+    ts = list(cfg.student_timesteps)
+    t_max = teacher.denoiser.schedule.num_train_timesteps - 1
+    if not ts or any(not 0 <= t <= t_max for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+        raise UserError(f"student_timesteps must decrease strictly within 0..{t_max}, got {ts}")
+    if gan_enabled(cfg) and real_data is None:
+        raise UserError("the GAN loss needs real data; pass real_data or set use_gan=False")
+    if len(ts) > 1 and not cfg.backward_simulation and real_data is None:
+        raise UserError("a multi-step student without backward simulation is trained on noised real data; pass it")
+    if teacher.conditioning == "text" and real_data is None:
+        raise UserError("a text-to-image teacher needs (images, captions) as real_data: captions are the prompts")
+    if cfg.regression_weight > 0 and pairs is None:
+        raise UserError("regression_weight > 0 needs regression pairs (see make_regression_pairs)")
+    if real_data is not None:
+        images, labels = real_data
+        if labels is not None and len(labels) != len(images):
+            raise UserError(f"real data has {len(images)} images but {len(labels)} labels")
+        if teacher.conditioning == "class" and labels is None:
+            raise UserError("a class-conditional teacher needs the real images' labels")
+
+
+def add_lora(backbone, rank: int) -> None:
+    """Wrap the backbone's UNet in a peft LoRA model (rank r, alpha r); only the LoRA weights train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("lora_rank needs peft: pip install 'fewstep[lora]'") from None
+    targets = {name.split(".")[-1] for name, _ in backbone.unet.named_modules()}
+    wanted = [t for t in LORA_TARGETS if t.split(".")[-1] in targets]
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=wanted, init_lora_weights="gaussian")
+    backbone.unet = get_peft_model(backbone.unet, config)
+
+
+def student_unet(generator: VPDenoiser, ema: dict | None):
+    """The plain diffusers UNet to ship: EMA weights if kept, LoRA merged in."""
+    net = copy.deepcopy(generator.net)
+    if ema is not None:
+        net.load_state_dict(ema)
+    unet = net.unet
+    return unet.merge_and_unload() if hasattr(unet, "merge_and_unload") else unet
+
+
+def student_manifest(cfg: DMD2Config, teacher, sigma_of) -> dict:
+    """The bundle manifest (bundle.py) for a DMD2 student of this teacher."""
+    unet = teacher.denoiser.net.unet
+    if teacher.conditioning == "class":
+        conditioning = {"kind": "class", "num_classes": teacher.num_classes,
+                        "null_class": getattr(teacher, "null_class", None)}
+    elif teacher.conditioning == "text":
+        conditioning = {"kind": "text", "teacher": teacher.source,
+                        "sdxl": unet.config.get("addition_embed_type") == "text_time"}
+    else:
+        conditioning = {"kind": "none"}
+    c, h, w = teacher.x_shape
+    image = {"channels": c, "height": h, "width": w, "value_range": [-1, 1]}
+    if teacher.family == "latent":
+        image = {"channels": 3, "height": teacher.image_size[0], "width": teacher.image_size[1],
+                 "value_range": [-1, 1], "latent_shape": [c, h, w]}
+    nfe = {str(n): {"timesteps": ts, "sigmas": [float(s) for s in sigma_of(ts)]}
+           for n, ts in served_nfes(cfg.student_timesteps).items()}
+    return {"format_version": FORMAT_VERSION, "method": "dmd2", "family": teacher.family,
+            "model_class": type(unet).__name__, "prediction_type": teacher.denoiser.prediction_type,
+            "schedule": {"kind": "vp", "scheduler_config": teacher.scheduler_config},
+            "nfe": nfe, "renoise": "fresh_noise", "conditioning": conditioning, "image": image,
+            "teacher": teacher.source, "metrics": {}, "training": asdict(cfg)}
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Ctrl-C (SIGINT) sets a flag instead of raising, so the loop stops between two steps and checkpoints.
+
+    Yields a function returning whether Ctrl-C was pressed. A second Ctrl-C interrupts at once. Outside the
+    main thread (where signal handlers cannot be set) it does nothing.
+    """
+    pressed = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+        print("\nCtrl-C: stopping after this step and saving the state (press again to quit at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# Settings a resumed run may change: they do not alter the optimisation done so far.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
+
+
+def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str | Path,
+               regression_pairs: tuple | None = None, progress: bool = True, accelerator=None) -> Path:
+    """Distil `teacher` with DMD2; returns out_dir/student (a bundle). Re-running the same call resumes.
+
+    real_data: (images (M, C, H, W) in [-1, 1] (or already in the denoiser's space), labels (M,) or captions)
+    for the GAN loss (and for multi-step training without backward simulation). regression_pairs: see
+    make_regression_pairs (only with regression_weight > 0). `accelerator`: an accelerate.Accelerator
+    (`accelerate launch` gives DDP / FSDP); by default a single-process one on the teacher's device.
+    """
+    from accelerate import Accelerator
+
+    out_dir = Path(out_dir)
+    check_setup(cfg, teacher, real_data, regression_pairs)
+    if accelerator is None:
+        accelerator = Accelerator(cpu=teacher.device.type == "cpu")
+    device = accelerator.device
+    teacher.to(device)
+    precision = resolve_precision(cfg, device)
+    torch.manual_seed(cfg.seed)
+    schedule = teacher.denoiser.schedule
+
+    def sigma_of(timesteps):
+        return schedule.t_to_sigma(torch.tensor(timesteps, dtype=torch.float64))
+
+    student_sigmas = sigma_of(list(cfg.student_timesteps)).to(device)  # (K,) float64
+
+    # The three networks: the teacher stays frozen; fake score and generator are trainable copies.
+    real = teacher.denoiser.eval().requires_grad_(False)
+    fake_denoiser = copy.deepcopy(real).train().requires_grad_(True)
+    generator = copy.deepcopy(real).train().requires_grad_(True)
+    if cfg.lora_rank:
+        add_lora(generator.net, cfg.lora_rank)
+    head = None
+    if gan_enabled(cfg):
+        tap = BottleneckTap(fake_denoiser.net)
+        with torch.no_grad():  # one probe forward gives the bottleneck's shape
+            probe = torch.zeros(1, *teacher.x_shape, device=device)
+            fake_denoiser(probe, student_sigmas[:1].float(), _probe_cond(teacher, real_data))
+        head = GANHead.for_features(tap.pop()).to(device)
+        tap.remove()
+    fake = FakeScore(fake_denoiser, head)
+
+    adamw = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    opt_g = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_generator, **adamw)
+    opt_f = torch.optim.AdamW(fake.parameters(), lr=cfg.lr_fake, **adamw)  # head and fake backbone: one optimizer
+    generator_train, fake_train, opt_g, opt_f = accelerator.prepare(generator, fake, opt_g, opt_f)
+    scale = teacher.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
+    nets = Nets(real, generator, fake, generator_train, fake_train, scale, teacher.uncond,
+                WEIGHTINGS[real.prediction_type], float(student_sigmas[0]))
+    scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler_f = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ema = ({k: v.detach().clone() for k, v in generator.net.state_dict().items()}
+           if cfg.ema_decay is not None else None)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, counts, elapsed = 0, {"generator_updates": 0, "fake_updates": 0}, 0.0
+
+    state_path = out_dir / "state.safetensors"
+    if state_path.exists():
+        state = load_state(state_path)
+        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
+        wanted = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in RESUMABLE_CHANGES}
+        changed = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
+        if changed:
+            raise UserError(f"{state_path} was written with a different config ({', '.join(changed)}); "
+                            "use another --out folder, or the settings it was started with")
+        try:
+            generator.net.load_state_dict(state["generator"])
+            fake.load_state_dict(state["fake"])
+            opt_g.load_state_dict(state["opt_generator"])
+            opt_f.load_state_dict(state["opt_fake"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{state_path} does not match these networks ({str(e).splitlines()[0]}); "
+                            "it belongs to another teacher or fewstep version: use another --out folder") from None
+        scaler_g.load_state_dict(state["scaler_generator"])
+        scaler_f.load_state_dict(state["scaler_fake"])
+        ema = state["ema"] if ema is None else {k: v.to(device) for k, v in state["ema"].items()}
+        gen.set_state(state["gen"])
+        set_rng_state(state["rng"])
+        step, counts, elapsed = state["step"], state["counts"], state["elapsed"]
+        if accelerator.is_main_process:
+            print(f"resuming from step {step} ({state_path})")
+
+    def checkpoint():
+        if accelerator.is_main_process:
+            save_state(state_path, {
+                "config": _jsonable(asdict(cfg)), "generator": generator.net.state_dict(),
+                "fake": fake.state_dict(), "opt_generator": opt_g.state_dict(), "opt_fake": opt_f.state_dict(),
+                "scaler_generator": scaler_g.state_dict(), "scaler_fake": scaler_f.state_dict(),
+                "ema": ema, "gen": gen.get_state(), "rng": rng_state(), "step": step, "counts": counts,
+                "elapsed": elapsed})
+        accelerator.wait_for_everyone()
+
+    main = accelerator.is_main_process
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "metrics.jsonl"
+    if main:
+        truncate_log(log_path, step)  # lines past the checkpoint were written by the run that stopped
+    log = open(log_path, "a") if main else None
+    bar = tqdm(total=cfg.steps, initial=step, desc="dmd2", unit="step", disable=not (progress and main))
+    last_saved = step if state_path.exists() else None
+    try:
+        with deferred_interrupt() as interrupted:
+            while step < cfg.steps and not interrupted():
+                t0 = time.perf_counter()
+                for g in opt_g.param_groups:
+                    g["lr"] = lr_at(step, cfg.lr_generator, cfg)
+                for g in opt_f.param_groups:
+                    g["lr"] = lr_at(step, cfg.lr_fake, cfg)
+                pairs = regression_pairs if cfg.regression_weight > 0 else None
+                batch = draw_batch(cfg, teacher, real_data, pairs, len(student_sigmas), gen, device,
+                                   accelerator.process_index, accelerator.num_processes)
+                with autocast(device, precision):
+                    x_in = student_input(generator, student_sigmas, batch, cfg).float()
+                sigma_in = student_sigmas[batch.k].float().expand(cfg.batch_size)  # (N,)
+                logs = {"step": step, "k": batch.k}
+                if step % cfg.dfake_gen_update_ratio == 0:  # two time-scale rule
+                    g_logs, x_gen = generator_step(nets, opt_g, scaler_g, batch, x_in, sigma_in, cfg, step, accelerator,
+                                                   precision)
+                    logs |= g_logs
+                    counts["generator_updates"] += 1
+                    if ema is not None:
+                        with torch.no_grad():
+                            for k, v in generator.net.state_dict().items():
+                                ema[k].lerp_(v, 1 - cfg.ema_decay) if v.is_floating_point() else ema[k].copy_(v)
+                else:
+                    with torch.no_grad(), autocast(device, precision):
+                        x_gen = generator(x_in, sigma_in, batch.cond)
+                logs |= fake_step(nets, opt_f, scaler_f, batch, x_gen, cfg, step, accelerator, precision)
+                counts["fake_updates"] += 1
+                step += 1
+                elapsed += time.perf_counter() - t0
+                logs |= counts | {"lr_generator": lr_at(step - 1, cfg.lr_generator, cfg),
+                                  "lr_fake": lr_at(step - 1, cfg.lr_fake, cfg), "seconds": round(elapsed, 2)}
+                bar.update(1)
+                bar.set_postfix({k.removeprefix("loss_"): f"{v:.4g}" for k, v in logs.items() if k.startswith("loss_")})
+                if main and ((step - 1) % cfg.log_every == 0 or step == cfg.steps):
+                    log.write(json.dumps(logs) + "\n")
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    if main:
+                        log.flush()
+                    checkpoint()
+                    last_saved = step
+        if step < cfg.steps:  # Ctrl-C: the loop stopped between steps, so the state is consistent
+            checkpoint()
+            raise UserError(f"interrupted at step {step}; the state is saved in {state_path}: run the same "
+                            "command to resume")
+    except NonFiniteLoss as e:
+        kept = (f"the checkpoint at step {last_saved} in {state_path} is kept" if last_saved is not None
+                else "no checkpoint was written yet")
+        raise UserError(f"{e}; training stopped ({kept}). Lower the learning rates or check the data") from None
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        if fake.tap is not None:
+            fake.tap.remove()
+
+    manifest = student_manifest(cfg, teacher, sigma_of)
+    manifest["training"] |= {"train_seconds": round(elapsed, 1), "steps_done": step, **counts,
+                             "processes": accelerator.num_processes}
+    bundle = out_dir / "student"
+    if main:
+        write_bundle(bundle, student_unet(generator, ema), manifest)
+    accelerator.wait_for_everyone()
+    return bundle
+
+
+def _jsonable(d: dict) -> dict:
+    """A config dict as it reads back from JSON (tuples become lists), so saved and current compare equal."""
+    return json.loads(json.dumps(d))
+
+
+def _probe_cond(teacher, real_data) -> dict:
+    if teacher.conditioning == "class":
+        return teacher.cond(labels=[0])
+    if teacher.conditioning == "text":
+        return teacher.cond(prompts=[str(real_data[1][0])])
+    return teacher.cond()

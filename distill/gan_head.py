@@ -1,0 +1,93 @@
+"""DMD2's GAN head on the fake score's bottleneck (DESIGN.md §3), and the hook that provides its input.
+
+The head reads the output of the diffusers UNet's `mid_block`, recorded by a forward hook during an
+ordinary fake-score forward: one call gives both the x0 prediction and the features.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)  # 32 groups where the width allows (as the reference)
+
+
+class GANHead(nn.Module):
+    """[conv4x4 stride 2 -> GroupNorm -> SiLU] x n, a full-extent conv to 1x1 (same block form), conv1x1 -> logit.
+
+    Stride-2 blocks halve the map while it is at least 8x8 (so 8x8 -> 4x4, 32x32 -> 4x4). The last
+    block's kernel covers the whole remaining map (4x4 for the usual sizes, as the reference's 4x4 stride-4
+    conv; the full map for a small one such as a tiny UNet's 4x4): unlike average pooling it keeps where a
+    feature sits, and unlike a stride-1 3x3 stack it needs no extra depth on tiny maps. So the head is tied
+    to one feature-map size, which is fine: DMD2 trains at one resolution.
+    """
+
+    def __init__(self, channels: int, height: int, width: int):
+        super().__init__()
+        layers = []
+        while min(height, width) >= 8:
+            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), _norm(channels), nn.SiLU()]
+            height, width = height // 2, width // 2
+        layers += [nn.Conv2d(channels, channels, (height, width)), _norm(channels), nn.SiLU()]  # -> 1x1
+        layers += [nn.Conv2d(channels, 1, 1)]
+        self.net = nn.Sequential(*layers)
+
+    @classmethod
+    def for_features(cls, features: torch.Tensor) -> "GANHead":
+        """A head for features shaped like `features` (N, C, H, W)."""
+        return cls(*features.shape[1:])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features).flatten()  # (N, C, H, W) -> (N,)
+
+
+def find_mid_block(net: nn.Module) -> nn.Module:
+    """The `mid_block` of a backbone's diffusers UNet (`net.unet.mid_block`, or `net.mid_block`)."""
+    unet = getattr(net, "unet", net)
+    mid = getattr(unet, "mid_block", None)
+    if mid is None:
+        raise UserError(f"the GAN head reads a diffusers UNet's mid_block, and {type(unet).__name__} has none; "
+                        "train without the GAN loss (gan weights 0)")
+    return mid
+
+
+class BottleneckTap:
+    """Records the output of a UNet's mid block on every forward (a forward hook); `pop()` takes it."""
+
+    def __init__(self, net: nn.Module):
+        self.features = None
+        self.handle = find_mid_block(net).register_forward_hook(self._record)
+
+    def _record(self, module, inputs, output):
+        self.features = output[0] if isinstance(output, tuple) else output  # (N, C, h, w)
+
+    def pop(self) -> torch.Tensor:
+        if self.features is None:
+            raise RuntimeError("no mid-block features recorded: run the fake score first")
+        features, self.features = self.features, None
+        return features
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class FakeScore(nn.Module):
+    """The fake score and its GAN head as one module: one forward gives the x0 prediction and, when the head
+    exists, the logits on the bottleneck features. One module, one optimizer, one DDP wrapper."""
+
+    def __init__(self, denoiser: nn.Module, head: GANHead | None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.head = head
+        self.tap = BottleneckTap(denoiser.net) if head is not None else None
+
+    def forward(self, x, sigma, cond, logits: bool = True):
+        x0 = self.denoiser(x, sigma, cond)
+        if self.tap is None:
+            return x0, None
+        features = self.tap.pop()
+        return x0, (self.head(features) if logits else None)

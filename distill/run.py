@@ -1,0 +1,379 @@
+"""Distil a teacher into a few-step DMD2 student: `python -m distill.run [--preset NAME] [--out DIR]`.
+
+With no arguments it distils the committed digits teacher into a one-step student. Writes, under the
+output folder: student/ (the bundle), samples.png (student next to teacher), metrics.json (student vs
+the teacher's baselines), losses.png, metrics.jsonl (training log), config.json (the resolved run) and
+state.safetensors (re-running the same command resumes from it). Multi-GPU / multi-node:
+`accelerate launch -m distill.run ...` with the same arguments.
+"""
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .dmd2 import DMD2Config, train_dmd2
+from .errors import UserError, cli_main
+
+DIGITS_4STEP = (999, 749, 499, 249)
+
+
+@dataclass
+class Preset:
+    description: str
+    config: DMD2Config
+    teacher: str | None = None  # None: the committed digits teacher; "required": --teacher must be given
+    data: str | None = "digits"  # "digits", "folder" (--data required), or None (no real data)
+    eval_samples: int = 1000
+    overrides: dict = field(default_factory=dict)
+
+
+def _digits(**kw) -> DMD2Config:
+    """The digits recipe (tuned on the committed teacher; see docs/dmd2_digits.md)."""
+    base = dict(steps=1800, batch_size=64, lr_generator=1e-4, lr_fake=1e-4, warmup=100, weight_decay=0.0,
+                dfake_gen_update_ratio=5, gan_g_weight=3e-2, gan_d_weight=1e-1, checkpoint_every=250)
+    return DMD2Config(**(base | kw))
+
+
+PRESETS: dict[str, Preset] = {
+    "digits-1step": Preset("digits teacher -> 1-step student (the default)", _digits()),
+    "digits-4step": Preset("digits teacher -> 4-step student (999/749/499/249, backward simulation)",
+                           _digits(student_timesteps=DIGITS_4STEP)),
+    "digits-4step-no-bsim": Preset("ablation: 4-step student trained on noised real data, no backward simulation",
+                                   _digits(student_timesteps=DIGITS_4STEP, backward_simulation=False)),
+    "digits-dm-only": Preset("ablation: DM loss only (generator and fake score update every step, no GAN)",
+                             _digits(dfake_gen_update_ratio=1, use_gan=False), data=None),
+    "digits-ttur": Preset("ablation: DM loss + two time-scale rule, no GAN", _digits(use_gan=False), data=None),
+    "digits-regression": Preset("ablation: the original DMD (DM loss + regression on teacher pairs, no TTUR/GAN)",
+                                _digits(dfake_gen_update_ratio=1, use_gan=False, regression_weight=1.0), data=None),
+    "pixel": Preset("any pixel-space diffusers teacher -> 1-step student (--teacher, --data: image folder)",
+                    DMD2Config(), teacher="required", data="folder", eval_samples=0),
+    "sd15": Preset("SD 1.5 layout -> 1-step student (--teacher, --data: captioned images); the reference's "
+                   "settings: lr 1e-5, TTUR 10, CFG 1.75",
+                   DMD2Config(lr_generator=1e-5, lr_fake=1e-5, dfake_gen_update_ratio=10, guidance_scale=1.75,
+                              batch_size=8, steps=20000, gan_g_weight=3e-3, gan_d_weight=1e-2),
+                   teacher="required", data="folder", eval_samples=0),
+    "sdxl": Preset("SDXL layout -> 4-step LoRA student (--teacher, --data: captioned images); the reference's "
+                   "settings: LoRA rank 64, lr 5e-5, CFG 8, GAN 5e-3/1e-2",
+                   DMD2Config(lr_generator=5e-5, lr_fake=5e-7, lora_rank=64, guidance_scale=8.0, batch_size=2,
+                              steps=20000, gan_g_weight=5e-3, gan_d_weight=1e-2, student_timesteps=DIGITS_4STEP),
+                   teacher="required", data="folder", eval_samples=0),
+}
+DEFAULT_PRESET = "digits-1step"
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set key=value` pairs -> typed DMD2Config fields (values parsed as JSON, else kept as strings)."""
+    fields = {f.name: f for f in dataclasses.fields(DMD2Config)}
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if isinstance(value, list):
+            value = tuple(value)
+        out[key] = value
+    return out
+
+
+def resolve(args) -> tuple[Preset, DMD2Config, Path | None]:
+    if args.preset not in PRESETS:
+        raise UserError(f"unknown preset {args.preset!r}; presets: {', '.join(PRESETS)}")
+    preset = PRESETS[args.preset]
+    overrides = parse_overrides(args.set or [])
+    for name in ("steps", "batch_size", "seed"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    cfg = dataclasses.replace(preset.config, **overrides)
+    if preset.teacher == "required" and args.teacher is None:
+        raise UserError(f"preset {args.preset} needs --teacher PATH (a local diffusers folder)")
+    if preset.data == "folder" and args.data is None and cfg.use_gan:
+        raise UserError(f"preset {args.preset} needs --data DIR (real images for the GAN loss)")
+    return preset, cfg, args.teacher
+
+
+def load_real_data(preset: Preset, teacher, data_dir: Path | None):
+    """(images, labels or captions) in the teacher's space, or None when the run uses no real data."""
+    from .data import load_digits_split
+
+    if data_dir is None and preset.data == "digits":
+        return load_digits_split("train")
+    if data_dir is None:
+        return None
+    from .imagefolder import load_captioned_folder, load_class_folder
+
+    if teacher.conditioning == "text":
+        images, captions = load_captioned_folder(data_dir, teacher.image_size)
+        return encode_images(teacher, images), captions
+    c, h, w = teacher.x_shape
+    return load_class_folder(data_dir, (h, w), c, teacher.num_classes)
+
+
+@torch.no_grad()
+def encode_images(teacher, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Latent teachers: encode the real images once, up front, instead of every step."""
+    from tqdm import tqdm
+
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc="encoding real images", leave=False):
+        out.append(teacher.encode(images[i:i + batch_size].to(teacher.device)).float().cpu())
+    return torch.cat(out)
+
+
+def check_conditioning(preset_name: str, preset: Preset, teacher) -> None:
+    if preset.data == "digits" and teacher.conditioning != "class":
+        raise UserError(f"preset {preset_name} trains a class-conditional student, but {teacher.source} has no "
+                        "class labels (its UNet has no class embedding); use --preset pixel for unconditional "
+                        "teachers")
+    if preset_name == "sdxl" and getattr(teacher, "family", "") == "latent":
+        unet = teacher.denoiser.net.unet
+        if unet.config.get("addition_embed_type") != "text_time":
+            raise UserError(f"{teacher.source} is an SD 1.5-layout teacher; use --preset sd15")
+
+
+# ---- after training: evaluation and pictures --------------------------------------------------------------
+
+
+def teacher_baselines(teacher_dir: Path) -> dict | None:
+    path = Path(teacher_dir) / "fewstep_baselines.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def is_digits_teacher(teacher_dir: Path) -> bool:
+    meta = Path(teacher_dir) / "fewstep_teacher.json"
+    return meta.exists() and json.loads(meta.read_text()).get("data", "").startswith("scikit-learn digits")
+
+
+def evaluate_student(bundle_dir: Path, teacher, n: int, seed: int, device) -> dict:
+    """Digits FD / accuracy of the student at every NFE it serves, plus images/s (the bundle as shipped)."""
+    from .bundle import load_bundle
+    from .metrics import digits_metric
+    from .sample import parse_labels, sample_student
+
+    bundle = load_bundle(bundle_dir).to(device)
+    labels = parse_labels("cycle", n, bundle.num_classes)
+    metric = digits_metric()
+    out = {}
+    for nfe in bundle.nfes:
+        sample_student(bundle, nfe, min(n, 100), labels, seed, progress=False)  # warm-up
+        t0 = time.perf_counter()
+        images = sample_student(bundle, nfe, n, labels, seed)
+        seconds = time.perf_counter() - t0
+        out[str(nfe)] = {"nfe": nfe, "n": n, **metric(images, None if labels is None else labels.numpy()),
+                         "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 1)}
+    return out
+
+
+def comparison_picture(bundle_dir: Path, teacher, out_path: Path, seed: int, device) -> Path:
+    """samples.png: the student (each NFE it serves) beside the teacher's 50-step sampler, same noise, 10x10."""
+    from PIL import Image, ImageDraw
+
+    from .bundle import load_bundle
+    from .metrics import save_grid
+    from .sample import parse_labels, sample_student, sample_teacher
+
+    bundle = load_bundle(bundle_dir).to(device)
+    n = 100
+    labels = parse_labels(None, n, bundle.num_classes)  # cycle for class students, None for unconditional ones
+    decode = teacher.decode if bundle.manifest["family"] == "latent" else None
+    panels = []
+    for nfe in bundle.nfes:
+        images = sample_student(bundle, nfe, n, labels, seed, progress=False, decode=decode)
+        panels.append((f"student, {nfe} step{'s' * (nfe > 1)}", images))
+    panels.append(("teacher, DPM-Solver++(2M) 50 steps", sample_teacher(teacher, "dpmpp-2m", 50, n, labels, seed,
+                                                                        progress=False)))
+    tiles = []
+    for title, images in panels:
+        tmp = save_grid(images, out_path.with_suffix(".panel.png"), nrow=10)
+        grid = Image.open(tmp).convert("RGB")
+        tmp.unlink()
+        canvas = Image.new("RGB", (grid.width, grid.height + 18), "white")
+        canvas.paste(grid, (0, 18))
+        ImageDraw.Draw(canvas).text((4, 3), title, fill="black")
+        tiles.append(canvas)
+    gap = 12
+    out = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), max(t.height for t in tiles)),
+                    "white")
+    x = 0
+    for t in tiles:
+        out.paste(t, (x, 0))
+        x += t.width + gap
+    out.save(out_path)
+    return out_path
+
+
+def loss_plot(log_path: Path, out_path: Path) -> Path | None:
+    """losses.png: every loss in metrics.jsonl against the step (moving average over 20 records)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    keys = sorted({k for r in rows for k in r if k.startswith("loss_")})
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = np.array([(r["step"], r[key]) for r in rows if key in r])
+        ax.plot(pts[:, 0], pts[:, 1], color="0.8", lw=0.8)
+        if len(pts) >= 20:
+            smooth = np.convolve(pts[:, 1], np.ones(20) / 20, mode="valid")
+            ax.plot(pts[19:, 0], smooth, color="C0")
+        ax.set(title=key.removeprefix("loss_"), xlabel="step")
+        if pts[:, 1].min() > 0 and pts[:, 1].max() / pts[:, 1].min() > 50:
+            ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def summarize(student: dict, baselines: dict | None) -> dict:
+    """The student's rows next to the teacher's baseline table (reference = its 50-step sampler)."""
+    result = {"student": student}
+    if baselines is not None:
+        rows = baselines["rows"]
+        reference = rows[0]
+        result["teacher_reference"] = reference
+        result["teacher_baselines"] = rows
+        for row in student.values():
+            row["fd_vs_teacher_reference"] = round(row["fd"] / reference["fd"], 3)
+            row["speedup_vs_teacher_reference"] = round(row["images_per_s"] / reference["images_per_s"], 1)
+    return result
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    width = max(map(len, PRESETS))
+    epilog = "presets:\n" + "\n".join(f"  {k:<{width}}  {p.description}" for k, p in PRESETS.items())
+    p = argparse.ArgumentParser(prog="python -m distill.run", description=__doc__.split("\n\n")[0],
+                                epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"recipe (default {DEFAULT_PRESET}; listed below)")
+    p.add_argument("--teacher", type=Path, help="teacher folder (default: the committed digits teacher)")
+    p.add_argument("--data", type=Path, help="real images for the GAN loss (class folders, or captioned images)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/<preset>)")
+    p.add_argument("--steps", type=int, help="training steps (fake-score updates)")
+    p.add_argument("--batch-size", type=int, help="per-process batch size")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any DMD2 setting, e.g. --set gan_g_weight=0.01 --set student_timesteps=[999,499]")
+    p.add_argument("--eval-samples", type=int, help="samples per NFE for the final metrics (0: skip)")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run(args) -> Path:
+    from accelerate import Accelerator
+
+    from .adapters import load_teacher
+    from .digits import TEACHER_DIR
+
+    started = time.perf_counter()
+    preset, cfg, teacher_dir = resolve(args)
+    teacher_dir = teacher_dir or TEACHER_DIR
+    out = args.out or Path("runs") / args.preset
+    accelerator = Accelerator(cpu=args.cpu)
+    teacher = load_teacher(teacher_dir)
+    check_conditioning(args.preset, preset, teacher)
+    teacher.to(accelerator.device)
+    real_data = load_real_data(preset, teacher, args.data) if (cfg.use_gan or preset.data == "digits") else None
+    pairs = None
+    if cfg.regression_weight > 0:
+        from .dmd2 import make_regression_pairs
+
+        pairs = make_regression_pairs(teacher, n=2000, seed=12345)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({
+            "preset": args.preset, "teacher": str(teacher_dir), "data": str(args.data) if args.data else preset.data,
+            "processes": accelerator.num_processes, "device": str(accelerator.device),
+            "dmd2": dataclasses.asdict(cfg)}, indent=2))
+        print(f"distilling {teacher.describe()}\n  preset {args.preset}: {preset.description}\n  output {out}")
+    bundle = train_dmd2(cfg, teacher, real_data, out, pairs, progress=not args.no_progress, accelerator=accelerator)
+    if not main:
+        return bundle
+
+    loss_plot(out / "metrics.jsonl", out / "losses.png")
+    if teacher.conditioning == "text":  # sample_student / sample_teacher take class labels, not prompts
+        print("note: no samples.png for a text-to-image student; sample it with prompts through the runtime")
+    else:
+        comparison_picture(bundle, teacher, out / "samples.png", seed=1, device=accelerator.device)
+    n = preset.eval_samples if args.eval_samples is None else args.eval_samples
+    result = {"preset": args.preset, "train_seconds": json.loads((bundle / "fewstep_student.json").read_text())[
+        "training"]["train_seconds"]}
+    if n > 0 and is_digits_teacher(teacher_dir):
+        result |= summarize(evaluate_student(bundle, teacher, n, seed=1, device=accelerator.device),
+                            teacher_baselines(teacher_dir))
+    result |= {"wall_seconds": round(time.perf_counter() - started, 1), "peak_memory_mb": peak_memory_mb(),
+               "device": str(accelerator.device), "threads": torch.get_num_threads()}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    _patch_manifest_metrics(bundle, result.get("student", {}))
+    report(out, bundle, result)
+    return bundle
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory on CUDA; the process's peak resident memory (RSS) on the CPU."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+def _patch_manifest_metrics(bundle: Path, student: dict) -> None:
+    from .bundle import MANIFEST_NAME
+
+    path = bundle / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["metrics"] = {nfe: {k: row[k] for k in ("fd", "accuracy", "n") if k in row}
+                           for nfe, row in student.items()}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(path)
+
+
+def report(out: Path, bundle: Path, result: dict) -> None:
+    lines = [f"\nstudent bundle: {bundle}  (trained in {result['train_seconds']:.0f} s; whole run "
+             f"{result['wall_seconds']:.0f} s, peak memory {result['peak_memory_mb']:.0f} MB)"]
+    ref = result.get("teacher_reference")
+    for row in result.get("student", {}).values():
+        line = f"  student {row['nfe']} step(s): FD {row['fd']:.3f}, class accuracy {100 * row['accuracy']:.1f}%"
+        if ref:
+            line += (f"  (teacher {ref['sampler']} {ref['nfe']} NFE: FD {ref['fd']:.3f}, "
+                     f"{100 * ref['accuracy']:.1f}%; student {row['speedup_vs_teacher_reference']:.0f}x faster)")
+        lines.append(line)
+    manifest = json.loads((bundle / "fewstep_student.json").read_text())
+    pictures = [out / "losses.png"] + ([out / "samples.png"] if (out / "samples.png").exists() else [])
+    lines += [f"  pictures: {', '.join(map(str, pictures))}",
+              f"  metrics: {out / 'metrics.json'} (training log {out / 'metrics.jsonl'})",
+              "next:"]
+    if manifest["family"] == "pixel":
+        lines.append(f"  python -m distill.sample --model {bundle} --n 100 --out {out / 'more.npz'}")
+    lines.append(f"  python -m export.trt --student {bundle} --nfe {max(int(k) for k in manifest['nfe'])}")
+    print("\n".join(lines))
+
+
+@cli_main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
