@@ -20,11 +20,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) -m distill.eval --model distill/assets/digits_teacher --sampler dpmpp-2m --nfe 8 --n 500 --out runs/quickstart
+	$(PY) -m distill.run --out runs/quickstart
 	@echo
-	@echo "Outputs: runs/quickstart/metrics.json (FD, class accuracy) and runs/quickstart/grid_*.png (samples)."
-	@echo "Next:    $(PY) -m distill.sample --model distill/assets/digits_teacher --sampler ddim --nfe 4 --out runs/samples.npz"
-	@echo "         $(PY) -m distill.baselines   # the teacher's NFE table every student is compared with"
+	@echo "Outputs: runs/quickstart/student (the 1-step student bundle), samples.png (student beside teacher),"
+	@echo "         metrics.json (FD, class accuracy vs the teacher), losses.png, metrics.jsonl, config.json."
+	@echo "Next:    $(PY) -m distill.run --preset digits-4step --out runs/digits-4step   # a 4-step student"
+	@echo "         $(PY) -m distill.sample --model runs/quickstart/student --n 100 --out runs/student.npz"
+	@echo "         $(PY) -m distill.run --help   # presets, including SD 1.5 / SDXL on your own teacher"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
