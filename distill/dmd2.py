@@ -499,6 +499,11 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     adamw = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     opt_g = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_generator, **adamw)
     opt_f = torch.optim.AdamW(fake.parameters(), lr=cfg.lr_fake, **adamw)  # head and fake backbone: one optimizer
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+        # The loop calls the unwrapped modules for no-grad and frozen forwards, which is right for DDP only:
+        # under FSDP / DeepSpeed their parameters are shards. Fail clearly rather than train on shards.
+        raise UserError(f"accelerate's {accelerator.distributed_type.name} mode is not supported by fewstep's DMD2 "
+                        "loop yet; use plain multi-GPU (DDP) — with --set lora_rank=64 for SDXL-size teachers")
     generator_train, fake_train, opt_g, opt_f = accelerator.prepare(generator, fake, opt_g, opt_f)
     scale = teacher.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
     nets = Nets(real, generator, fake, generator_train, fake_train, scale, teacher.uncond,
