@@ -543,15 +543,17 @@ def test_sample_cli_on_a_student_bundle(student_3step, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process(teacher_dir, tmp_path):
-    """`accelerate launch` with 2 CPU processes (gloo DDP), batch 2 each, trains the same student as one
+    """Two CPU processes (gloo DDP), batch 2 each, trains the same student as one
     process with batch 4: both draw the same global batch and DDP averages the two halves' gradients."""
     data = make_class_folder(tmp_path / "data")
     common = ["--preset", "pixel", "--teacher", str(teacher_dir), "--data", str(data), "--steps", "3",
               "--set", "dfake_gen_update_ratio=2", "--set", "lr_generator=1e-3", "--set", "lr_fake=1e-3",
               "--set", "warmup=0", "--eval-samples", "0", "--no-progress", "--cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "distill.run"]
+    # accelerate's own launcher starts a single process with --cpu (multi-CPU needs MPI there); torchrun sets
+    # the same WORLD_SIZE / RANK environment `accelerate launch` sets on GPUs, and Accelerator picks gloo DDP.
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+              "-m", "distill.run"]
     two = subprocess.run(launch + common + ["--out", str(tmp_path / "two"), "--batch-size", "2"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
@@ -563,6 +565,8 @@ def test_ddp_two_processes_match_one_process(teacher_dir, tmp_path):
     assert training["processes"] == 2 and training["steps_done"] == 3
     w1, w2 = unet_weights(tmp_path / "one" / "student"), unet_weights(tmp_path / "two" / "student")
     teacher_w = load_file(teacher_dir / "unet" / "diffusion_pytorch_model.safetensors")
-    moved = max((w1[k] - teacher_w[k]).abs().max().item() for k in w1)
-    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert moved > 1e-4 and diff < 1e-3 * moved, (moved, diff)
+    # Summed over all weights: Adam's first steps are +-lr wherever a gradient is non-zero, so a few weights whose
+    # gradient is float noise may flip sign between the runs; training on half the batch would move most of them.
+    moved = sum((w1[k] - teacher_w[k]).abs().sum().item() for k in w1)
+    diff = sum((w1[k] - w2[k]).abs().sum().item() for k in w1)
+    assert moved > 0 and diff < 1e-3 * moved, (moved, diff)
