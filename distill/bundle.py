@@ -10,7 +10,7 @@ Manifest (format_version 1):
      "model_class": "UNet2DModel" | "UNet2DConditionModel", "prediction_type": "epsilon" | ...,
      "schedule": {"kind": "vp", "scheduler_config": {...}},
      "nfe": {"1": {"timesteps": [999], "sigmas": [...]}, "4": {...}},   # sigmas exclude the final 0
-     "renoise": "fresh_noise",
+     "renoise": "fresh_noise" (DMD2: x0, then fresh noise) | "none" (SFD: Euler steps; "afs" per NFE),
      "conditioning": {"kind": "class", "num_classes": K, "null_class": K} | {"kind": "none"}
                      | {"kind": "text", "teacher": PATH, "sdxl": bool},
      "image": {"channels", "height", "width", "value_range": [-1, 1]} (+ "latent_shape" for latent students),
@@ -57,6 +57,46 @@ def sample_dmd2(D, x: torch.Tensor, sigmas: torch.Tensor, cond: dict | None = No
     return x0
 
 
+def sample_sfd(D, x: torch.Tensor, sigmas: torch.Tensor, cond: dict | None = None, afs: bool = True) -> torch.Tensor:
+    """SFD's Euler loop (Zhou et al. 2024): x <- x + (sigma' - sigma) (x - D(x, sigma)) / sigma down the
+    student's sigmas (which end at its sigma_min, not 0); the result is x at sigma_min.
+
+    With `afs` (the analytical first step) the first step needs no network call: it takes the denoiser of
+    unit-variance data, D(x, sigma) = x - sigma x / sqrt(1 + sigma^2), so NFE = len(sigmas) - 2.
+    """
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+        if i == 0 and afs:
+            d = x / (1 + s**2) ** 0.5
+        else:
+            d = (x - D(x, sigmas[i].to(device=x.device, dtype=x.dtype).expand(x.shape[0]), cond)) / s
+        x = x + (s_next - s) * d
+    return x
+
+
+def base_manifest(teacher, method: str, nfe: dict, renoise: str, training: dict) -> dict:
+    """The manifest fields every student of `teacher` shares (the method fills in `nfe` and `training`)."""
+    unet = teacher.denoiser.net.unet
+    if teacher.conditioning == "class":
+        conditioning = {"kind": "class", "num_classes": teacher.num_classes,
+                        "null_class": getattr(teacher, "null_class", None)}
+    elif teacher.conditioning == "text":
+        conditioning = {"kind": "text", "teacher": teacher.source,
+                        "sdxl": unet.config.get("addition_embed_type") == "text_time"}
+    else:
+        conditioning = {"kind": "none"}
+    c, h, w = teacher.x_shape
+    image = {"channels": c, "height": h, "width": w, "value_range": [-1, 1]}
+    if teacher.family == "latent":
+        image = {"channels": 3, "height": teacher.image_size[0], "width": teacher.image_size[1],
+                 "value_range": [-1, 1], "latent_shape": [c, h, w]}
+    return {"format_version": FORMAT_VERSION, "method": method, "family": teacher.family,
+            "model_class": type(unet).__name__, "prediction_type": teacher.denoiser.prediction_type,
+            "schedule": {"kind": "vp", "scheduler_config": teacher.scheduler_config},
+            "nfe": nfe, "renoise": renoise, "conditioning": conditioning, "image": image,
+            "teacher": teacher.source, "metrics": {}, "training": training}
+
+
 def write_bundle(out_dir: str | Path, student_unet, manifest: dict) -> Path:
     """Write unet/ (safetensors) and the manifest atomically: a temp folder renamed over the old one."""
     out_dir = Path(out_dir)
@@ -98,7 +138,7 @@ class StudentBundle:
         return sorted(int(n) for n in self.manifest["nfe"])
 
     def sigmas(self, nfe: int) -> torch.Tensor:
-        """The student's own noise levels for `nfe` calls (float64, no final 0)."""
+        """The student's own noise levels for `nfe` calls (float64; DMD2: no final 0, SFD: ends at sigma_min)."""
         entry = self.manifest["nfe"].get(str(nfe))
         if entry is None:
             raise UserError(f"this {self.manifest['method']} student serves NFE {', '.join(map(str, self.nfes))}, "
@@ -133,8 +173,11 @@ class StudentBundle:
 
         Re-noising between steps uses `fresh_noise` ((nfe - 1, N, C, H, W)) if given, else `generator`.
         """
-        sigmas = self.sigmas(self.nfes[-1] if nfe is None else nfe)
+        nfe = self.nfes[-1] if nfe is None else nfe
+        sigmas = self.sigmas(nfe)
         x = noise.float() * sigmas[0].item()
+        if self.manifest["renoise"] == "none":  # SFD: a deterministic Euler trajectory
+            return sample_sfd(self.denoiser, x, sigmas, cond, afs=self.manifest["nfe"][str(nfe)].get("afs", False))
         return sample_dmd2(self.denoiser, x, sigmas, cond, fresh_noise, generator)
 
 
@@ -171,8 +214,8 @@ def load_bundle(path: str | Path) -> StudentBundle:
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise UserError(f"{path / MANIFEST_NAME} lacks {', '.join(missing)}")
-    if manifest["renoise"] != "fresh_noise":
-        raise UserError(f"{path}: unknown re-noising rule {manifest['renoise']!r} (known: fresh_noise)")
+    if manifest["renoise"] not in ("fresh_noise", "none"):
+        raise UserError(f"{path}: unknown re-noising rule {manifest['renoise']!r} (known: fresh_noise, none)")
     if manifest["schedule"].get("kind") != "vp":
         raise UserError(f"{path}: unknown schedule kind {manifest['schedule'].get('kind')!r} (known: vp)")
     if manifest["model_class"] not in ("UNet2DModel", "UNet2DConditionModel"):

@@ -10,22 +10,17 @@ Multi-step students use fixed timesteps and backward simulation. The result is a
 
 import contextlib
 import copy
-import json
-import signal
-import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from .bundle import FORMAT_VERSION, write_bundle
-from .checkpoint import load_state, rng_state, save_state, set_rng_state, truncate_log
+from .bundle import base_manifest, write_bundle
 from .denoiser import VPDenoiser, guided
 from .errors import UserError
 from .gan_head import BottleneckTap, FakeScore, GANHead
 from .losses import WEIGHTINGS, denoising_loss, dm_loss, gan_d_loss, gan_g_loss, regression_loss
+from .training import autocast, check_finite, optimizer_step, resolve_precision, run_loop
 
 # Where LoRA goes when `lora_rank` is set: attention projections, feed-forwards and resnet convs (the
 # DMD2 SDXL list); names a UNet lacks are skipped by peft.
@@ -107,19 +102,6 @@ def gan_enabled(cfg: DMD2Config) -> bool:
     return cfg.use_gan and (cfg.gan_g_weight > 0 or cfg.gan_d_weight > 0)
 
 
-def resolve_precision(cfg: DMD2Config, device: torch.device) -> str:
-    """bf16 autocast on CUDA, fp32 on CPU unless asked (the reference found fp16 to diverge)."""
-    precision = cfg.mixed_precision or ("bf16" if device.type == "cuda" else "no")
-    if precision not in ("no", "bf16", "fp16"):
-        raise UserError(f"mixed_precision must be no, bf16 or fp16, got {precision!r}")
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def lr_at(step: int, lr: float, cfg: DMD2Config) -> float:
     """Linear warm-up over `warmup` steps, then constant (the reference's schedule)."""
     return lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else lr
@@ -149,21 +131,6 @@ def frozen(*modules):
             p.requires_grad_(flag)
 
 
-class NonFiniteLoss(UserError):
-    """A NaN / inf loss: training stops before the bad update reaches any weights or checkpoint."""
-
-
-def check_finite(losses: dict, step: int, accelerator) -> None:
-    """Raise NonFiniteLoss on every process when any process has a NaN / inf loss (none may hang)."""
-    values = torch.stack([v.detach().float() for v in losses.values()])
-    bad = (~torch.isfinite(values)).float()
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    if bool(bad.any()):
-        name, value = next((k, v) for (k, v), b in zip(losses.items(), bad) if b)
-        raise NonFiniteLoss(f"step {step}: the {name} loss is {value.item()}")
-
-
 def _per_sample(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return s.to(x).reshape(-1, *([1] * (x.ndim - 1)))  # (N,) -> (N, 1, 1, 1)
 
@@ -171,17 +138,6 @@ def _per_sample(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def cat_cond(*conds: dict) -> dict:
     """Batch-first condition dicts joined along the batch (one forward for several inputs)."""
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-
-
-def _optimizer_step(loss, opt, scaler, params, cfg: DMD2Config, accelerator) -> float:
-    """backward, unscale, clip to cfg.grad_clip, step; returns the gradient norm before clipping."""
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(opt)
-    grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
-    scaler.step(opt)
-    scaler.update()
-    return float(grad_norm)
 
 
 def student_input(generator, sigmas: torch.Tensor, batch: Batch, cfg: DMD2Config) -> torch.Tensor:
@@ -236,7 +192,7 @@ def generator_step(nets: Nets, opt, scaler, batch: Batch, x_in: torch.Tensor, si
         losses["regression"] = regression_loss(out[n:], p_target)
         total = total + cfg.regression_weight * losses["regression"]
     check_finite(losses, step, accelerator)
-    grad_norm = _optimizer_step(total, opt, scaler, params, cfg, accelerator)
+    grad_norm = optimizer_step(total, opt, scaler, params, cfg.grad_clip, accelerator)
     return {f"loss_{k}": v.item() for k, v in losses.items()} | {"grad_norm_generator": grad_norm}, x.detach()
 
 
@@ -264,7 +220,7 @@ def fake_step(nets: Nets, opt, scaler, batch: Batch, x_gen: torch.Tensor, cfg: D
         losses["gan_d"] = gan_d_loss(logits[n:], logits[:n])
         total = total + cfg.gan_d_weight * losses["gan_d"]
     check_finite(losses, step, accelerator)
-    grad_norm = _optimizer_step(total, opt, scaler, params, cfg, accelerator)
+    grad_norm = optimizer_step(total, opt, scaler, params, cfg.grad_clip, accelerator)
     return {f"loss_{k}": v.item() for k, v in losses.items()} | {"grad_norm_fake": grad_norm}
 
 
@@ -402,56 +358,9 @@ def student_unet(generator: VPDenoiser, ema: dict | None):
 
 def student_manifest(cfg: DMD2Config, teacher, sigma_of) -> dict:
     """The bundle manifest (bundle.py) for a DMD2 student of this teacher."""
-    unet = teacher.denoiser.net.unet
-    if teacher.conditioning == "class":
-        conditioning = {"kind": "class", "num_classes": teacher.num_classes,
-                        "null_class": getattr(teacher, "null_class", None)}
-    elif teacher.conditioning == "text":
-        conditioning = {"kind": "text", "teacher": teacher.source,
-                        "sdxl": unet.config.get("addition_embed_type") == "text_time"}
-    else:
-        conditioning = {"kind": "none"}
-    c, h, w = teacher.x_shape
-    image = {"channels": c, "height": h, "width": w, "value_range": [-1, 1]}
-    if teacher.family == "latent":
-        image = {"channels": 3, "height": teacher.image_size[0], "width": teacher.image_size[1],
-                 "value_range": [-1, 1], "latent_shape": [c, h, w]}
     nfe = {str(n): {"timesteps": ts, "sigmas": [float(s) for s in sigma_of(ts)]}
            for n, ts in served_nfes(cfg.student_timesteps).items()}
-    return {"format_version": FORMAT_VERSION, "method": "dmd2", "family": teacher.family,
-            "model_class": type(unet).__name__, "prediction_type": teacher.denoiser.prediction_type,
-            "schedule": {"kind": "vp", "scheduler_config": teacher.scheduler_config},
-            "nfe": nfe, "renoise": "fresh_noise", "conditioning": conditioning, "image": image,
-            "teacher": teacher.source, "metrics": {}, "training": asdict(cfg)}
-
-
-@contextlib.contextmanager
-def deferred_interrupt():
-    """Ctrl-C (SIGINT) sets a flag instead of raising, so the loop stops between two steps and checkpoints.
-
-    Yields a function returning whether Ctrl-C was pressed. A second Ctrl-C interrupts at once. Outside the
-    main thread (where signal handlers cannot be set) it does nothing.
-    """
-    pressed = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-
-    def handler(signum, frame):
-        if pressed:
-            raise KeyboardInterrupt
-        pressed.append(True)
-        print("\nCtrl-C: stopping after this step and saving the state (press again to quit at once)")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: bool(pressed)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-# Settings a resumed run may change: they do not alter the optimisation done so far.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
+    return base_manifest(teacher, "dmd2", nfe, "fresh_noise", asdict(cfg))
 
 
 def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str | Path,
@@ -471,7 +380,7 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
         accelerator = Accelerator(cpu=teacher.device.type == "cpu")
     device = accelerator.device
     teacher.to(device)
-    precision = resolve_precision(cfg, device)
+    precision = resolve_precision(cfg.mixed_precision, device)
     torch.manual_seed(cfg.seed)
     schedule = teacher.denoiser.schedule
 
@@ -513,106 +422,60 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     ema = ({k: v.detach().clone() for k, v in generator.net.state_dict().items()}
            if cfg.ema_decay is not None else None)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, counts, elapsed = 0, {"generator_updates": 0, "fake_updates": 0}, 0.0
+    counts = {"generator_updates": 0, "fake_updates": 0}
 
-    state_path = out_dir / "state.safetensors"
-    if state_path.exists():
-        state = load_state(state_path)
-        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
-        wanted = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in RESUMABLE_CHANGES}
-        changed = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
-        if changed:
-            raise UserError(f"{state_path} was written with a different config ({', '.join(changed)}); "
-                            "use another --out folder, or the settings it was started with")
-        try:
-            generator.net.load_state_dict(state["generator"])
-            fake.load_state_dict(state["fake"])
-            opt_g.load_state_dict(state["opt_generator"])
-            opt_f.load_state_dict(state["opt_fake"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"{state_path} does not match these networks ({str(e).splitlines()[0]}); "
-                            "it belongs to another teacher or fewstep version: use another --out folder") from None
+    def get_state() -> dict:
+        return {"generator": generator.net.state_dict(), "fake": fake.state_dict(), "opt_generator": opt_g.state_dict(),
+                "opt_fake": opt_f.state_dict(), "scaler_generator": scaler_g.state_dict(),
+                "scaler_fake": scaler_f.state_dict(), "ema": ema, "gen": gen.get_state(), "counts": dict(counts)}
+
+    def set_state(state: dict) -> None:
+        nonlocal ema
+        generator.net.load_state_dict(state["generator"])
+        fake.load_state_dict(state["fake"])
+        opt_g.load_state_dict(state["opt_generator"])
+        opt_f.load_state_dict(state["opt_fake"])
         scaler_g.load_state_dict(state["scaler_generator"])
         scaler_f.load_state_dict(state["scaler_fake"])
         ema = state["ema"] if ema is None else {k: v.to(device) for k, v in state["ema"].items()}
         gen.set_state(state["gen"])
-        set_rng_state(state["rng"])
-        step, counts, elapsed = state["step"], state["counts"], state["elapsed"]
-        if accelerator.is_main_process:
-            print(f"resuming from step {step} ({state_path})")
+        counts.update(state["counts"])
 
-    def checkpoint():
-        if accelerator.is_main_process:
-            save_state(state_path, {
-                "config": _jsonable(asdict(cfg)), "generator": generator.net.state_dict(),
-                "fake": fake.state_dict(), "opt_generator": opt_g.state_dict(), "opt_fake": opt_f.state_dict(),
-                "scaler_generator": scaler_g.state_dict(), "scaler_fake": scaler_f.state_dict(),
-                "ema": ema, "gen": gen.get_state(), "rng": rng_state(), "step": step, "counts": counts,
-                "elapsed": elapsed})
-        accelerator.wait_for_everyone()
+    def train_step(step: int) -> dict:
+        for g in opt_g.param_groups:
+            g["lr"] = lr_at(step, cfg.lr_generator, cfg)
+        for g in opt_f.param_groups:
+            g["lr"] = lr_at(step, cfg.lr_fake, cfg)
+        pairs = regression_pairs if cfg.regression_weight > 0 else None
+        batch = draw_batch(cfg, teacher, real_data, pairs, len(student_sigmas), gen, device,
+                           accelerator.process_index, accelerator.num_processes)
+        with autocast(device, precision):
+            x_in = student_input(generator, student_sigmas, batch, cfg).float()
+        sigma_in = student_sigmas[batch.k].float().expand(cfg.batch_size)  # (N,)
+        logs = {"k": batch.k}
+        if step % cfg.dfake_gen_update_ratio == 0:  # two time-scale rule
+            g_logs, x_gen = generator_step(nets, opt_g, scaler_g, batch, x_in, sigma_in, cfg, step, accelerator,
+                                           precision)
+            logs |= g_logs
+            counts["generator_updates"] += 1
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in generator.net.state_dict().items():
+                        ema[k].lerp_(v, 1 - cfg.ema_decay) if v.is_floating_point() else ema[k].copy_(v)
+        else:
+            with torch.no_grad(), autocast(device, precision):
+                x_gen = generator(x_in, sigma_in, batch.cond)
+        logs |= fake_step(nets, opt_f, scaler_f, batch, x_gen, cfg, step, accelerator, precision)
+        counts["fake_updates"] += 1
+        return logs | counts | {"lr_generator": lr_at(step, cfg.lr_generator, cfg),
+                                "lr_fake": lr_at(step, cfg.lr_fake, cfg)}
 
-    main = accelerator.is_main_process
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "metrics.jsonl"
-    if main:
-        truncate_log(log_path, step)  # lines past the checkpoint were written by the run that stopped
-    log = open(log_path, "a") if main else None
-    bar = tqdm(total=cfg.steps, initial=step, desc="dmd2", unit="step", disable=not (progress and main))
-    last_saved = step if state_path.exists() else None
     try:
-        with deferred_interrupt() as interrupted:
-            while step < cfg.steps and not interrupted():
-                t0 = time.perf_counter()
-                for g in opt_g.param_groups:
-                    g["lr"] = lr_at(step, cfg.lr_generator, cfg)
-                for g in opt_f.param_groups:
-                    g["lr"] = lr_at(step, cfg.lr_fake, cfg)
-                pairs = regression_pairs if cfg.regression_weight > 0 else None
-                batch = draw_batch(cfg, teacher, real_data, pairs, len(student_sigmas), gen, device,
-                                   accelerator.process_index, accelerator.num_processes)
-                with autocast(device, precision):
-                    x_in = student_input(generator, student_sigmas, batch, cfg).float()
-                sigma_in = student_sigmas[batch.k].float().expand(cfg.batch_size)  # (N,)
-                logs = {"step": step, "k": batch.k}
-                if step % cfg.dfake_gen_update_ratio == 0:  # two time-scale rule
-                    g_logs, x_gen = generator_step(nets, opt_g, scaler_g, batch, x_in, sigma_in, cfg, step, accelerator,
-                                                   precision)
-                    logs |= g_logs
-                    counts["generator_updates"] += 1
-                    if ema is not None:
-                        with torch.no_grad():
-                            for k, v in generator.net.state_dict().items():
-                                ema[k].lerp_(v, 1 - cfg.ema_decay) if v.is_floating_point() else ema[k].copy_(v)
-                else:
-                    with torch.no_grad(), autocast(device, precision):
-                        x_gen = generator(x_in, sigma_in, batch.cond)
-                logs |= fake_step(nets, opt_f, scaler_f, batch, x_gen, cfg, step, accelerator, precision)
-                counts["fake_updates"] += 1
-                step += 1
-                elapsed += time.perf_counter() - t0
-                logs |= counts | {"lr_generator": lr_at(step - 1, cfg.lr_generator, cfg),
-                                  "lr_fake": lr_at(step - 1, cfg.lr_fake, cfg), "seconds": round(elapsed, 2)}
-                bar.update(1)
-                bar.set_postfix({k.removeprefix("loss_"): f"{v:.4g}" for k, v in logs.items() if k.startswith("loss_")})
-                if main and ((step - 1) % cfg.log_every == 0 or step == cfg.steps):
-                    log.write(json.dumps(logs) + "\n")
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    if main:
-                        log.flush()
-                    checkpoint()
-                    last_saved = step
-        if step < cfg.steps:  # Ctrl-C: the loop stopped between steps, so the state is consistent
-            checkpoint()
-            raise UserError(f"interrupted at step {step}; the state is saved in {state_path}: run the same "
-                            "command to resume")
-    except NonFiniteLoss as e:
-        kept = (f"the checkpoint at step {last_saved} in {state_path} is kept" if last_saved is not None
-                else "no checkpoint was written yet")
-        raise UserError(f"{e}; training stopped ({kept}). Lower the learning rates or check the data") from None
+        step, elapsed = run_loop(out_dir=out_dir, config=asdict(cfg), steps=cfg.steps,
+                                 checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+                                 accelerator=accelerator, train_step=train_step, get_state=get_state,
+                                 set_state=set_state, progress=progress, desc="dmd2")
     finally:
-        bar.close()
-        if log is not None:
-            log.close()
         if fake.tap is not None:
             fake.tap.remove()
 
@@ -620,15 +483,10 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     manifest["training"] |= {"train_seconds": round(elapsed, 1), "steps_done": step, **counts,
                              "processes": accelerator.num_processes}
     bundle = out_dir / "student"
-    if main:
+    if accelerator.is_main_process:
         write_bundle(bundle, student_unet(generator, ema), manifest)
     accelerator.wait_for_everyone()
     return bundle
-
-
-def _jsonable(d: dict) -> dict:
-    """A config dict as it reads back from JSON (tuples become lists), so saved and current compare equal."""
-    return json.loads(json.dumps(d))
 
 
 def _probe_cond(teacher, real_data) -> dict:

@@ -46,13 +46,13 @@ def sample_heun(D, x, sigmas, cond=None, progress=False):
     return x
 
 
-@torch.no_grad()
-def sample_dpmpp(D, x, sigmas, cond=None, order=2, progress=False):
-    """DPM-Solver++ multistep, order 2 (2M) or 3 (3M) (Lu et al. 2022, Alg. 2), data prediction.
+def dpmpp_states(D, x, sigmas, cond=None, order=2, progress=False):
+    """DPM-Solver++ multistep, order 2 (2M) or 3 (3M) (Lu et al. 2022, Alg. 2), data prediction: yields x
+    after every step (at sigmas[1], sigmas[2], ...).
 
     In sigma space lambda = -log sigma and the first-order step is x' = (sigma'/sigma) x - expm1(-h) x0.
-    As in diffusers' `lower_order_final`, short runs (< 15 steps) drop to lower order near the end,
-    which keeps few-step sampling stable; the final step to sigma = 0 returns x0.
+    As in diffusers' `lower_order_final`, short runs (< 15 steps) drop to lower order on the last two
+    steps, which keeps few-step sampling stable; a step to sigma = 0 gives x0.
     """
     n = len(sigmas) - 1
     lower_final = n < 15
@@ -61,16 +61,15 @@ def sample_dpmpp(D, x, sigmas, cond=None, order=2, progress=False):
         s, s_next = sigmas[i].item(), sigmas[i + 1].item()
         x0 = D(x, _sigma(sigmas[i], x), cond)
         if s_next == 0:
-            x = x0
-            break
+            yield x0
+            return
         h = math.log(s / s_next)
         # The order: limited by the history, and lowered on the last steps of short runs.
         k = min(order, len(x0s) + 1)
-        if lower_final and i == n - 2:
-            k = min(k, 2)
+        if lower_final and i >= n - 2:
+            k = min(k, 1 + (i == n - 2))
         if k == 1:
-            d = x0
-            x = (s_next / s) * x - math.expm1(-h) * d
+            x = (s_next / s) * x - math.expm1(-h) * x0
         elif k == 2:
             r0 = hs[-1] / h
             d1 = (x0 - x0s[-1]) / r0
@@ -87,7 +86,14 @@ def sample_dpmpp(D, x, sigmas, cond=None, order=2, progress=False):
             x = (s_next / s) * x - phi1 * x0 + phi2 * d1 - phi3 * d2
         x0s.append(x0)
         hs.append(h)
-    return x
+        yield x
+
+
+@torch.no_grad()
+def sample_dpmpp(D, x, sigmas, cond=None, order=2, progress=False):
+    """DPM-Solver++(2M/3M) to the end of the grid (see dpmpp_states); returns the last state."""
+    *_, last = dpmpp_states(D, x, sigmas, cond, order, progress)
+    return last
 
 
 def sample_dpmpp_2m(D, x, sigmas, cond=None, progress=False):

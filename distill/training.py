@@ -1,0 +1,174 @@
+"""What every fewstep training method shares (DMD2, SFD): precision, optimizer steps, NaN checks, and the loop
+that resumes, checkpoints atomically, logs metrics.jsonl, shows progress and stops cleanly on Ctrl-C.
+
+A method supplies three functions: `train_step(step) -> logs`, `get_state() -> dict` (its networks, optimizers,
+RNG streams...) and `set_state(dict)`. The loop owns the step counter, the wall time, the global RNG state and the
+config check, so a re-run of the same command continues where the last checkpoint left off, and one with other
+settings is refused.
+"""
+
+import contextlib
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import load_state, rng_state, save_state, set_rng_state, truncate_log
+from .errors import UserError
+
+# Settings a resumed run may change: they do not alter the optimisation done so far.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
+STATE_NAME = "state.safetensors"
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """bf16 autocast on CUDA, fp32 on CPU unless asked (DMD2's authors found fp16 to diverge)."""
+    precision = precision or ("bf16" if device.type == "cuda" else "no")
+    if precision not in ("no", "bf16", "fp16"):
+        raise UserError(f"mixed_precision must be no, bf16 or fp16, got {precision!r}")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def optimizer_step(loss, opt, scaler, params, grad_clip: float, accelerator) -> float:
+    """backward, unscale, clip to grad_clip, step; returns the gradient norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    grad_norm = accelerator.clip_grad_norm_(params, grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return float(grad_norm)
+
+
+class NonFiniteLoss(UserError):
+    """A NaN / inf loss: training stops before the bad update reaches any weights or checkpoint."""
+
+
+def check_finite(losses: dict, step: int, accelerator) -> None:
+    """Raise NonFiniteLoss on every process when any process has a NaN / inf loss (none may hang)."""
+    values = torch.stack([v.detach().float() for v in losses.values()])
+    bad = (~torch.isfinite(values)).float()
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bool(bad.any()):
+        name, value = next((k, v) for (k, v), b in zip(losses.items(), bad) if b)
+        raise NonFiniteLoss(f"step {step}: the {name} loss is {value.item()}")
+
+
+def jsonable(d: dict) -> dict:
+    """A config dict as it reads back from JSON (tuples become lists), so saved and current compare equal."""
+    return json.loads(json.dumps(d))
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Ctrl-C (SIGINT) sets a flag instead of raising, so the loop stops between two steps and checkpoints.
+
+    Yields a function returning whether Ctrl-C was pressed. A second Ctrl-C interrupts at once. Outside the
+    main thread (where signal handlers cannot be set) it does nothing.
+    """
+    pressed = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+        print("\nCtrl-C: stopping after this step and saving the state (press again to quit at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_loop(*, out_dir: Path, config: dict, steps: int, checkpoint_every: int, log_every: int, accelerator,
+             train_step: Callable[[int], dict], get_state: Callable[[], dict], set_state: Callable[[dict], None],
+             progress: bool = True, desc: str = "train") -> tuple[int, float]:
+    """Run `train_step(step)` for step = (resumed step) .. steps-1; returns (steps done, training seconds).
+
+    out_dir/state.safetensors holds the method's state plus the step, wall time, global RNG state and config;
+    it is written atomically every `checkpoint_every` steps, at the end and on Ctrl-C. out_dir/metrics.jsonl
+    gets the logs of every `log_every`-th step (and the last); on resume, records past the checkpoint are
+    dropped so every step appears once.
+    """
+    out_dir = Path(out_dir)
+    state_path = out_dir / STATE_NAME
+    config = jsonable(config)
+    step, elapsed = 0, 0.0
+    if state_path.exists():
+        state = load_state(state_path)
+        saved = {k: v for k, v in state.get("config", {}).items() if k not in RESUMABLE_CHANGES}
+        wanted = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+        changed = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
+        if changed:
+            raise UserError(f"{state_path} was written with a different config ({', '.join(changed)}); "
+                            "use another --out folder, or the settings it was started with")
+        try:
+            set_state(state)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{state_path} does not match these networks ({str(e).splitlines()[0]}); "
+                            "it belongs to another teacher or fewstep version: use another --out folder") from None
+        set_rng_state(state["rng"])
+        step, elapsed = state["step"], state["elapsed"]
+        if accelerator.is_main_process:
+            print(f"resuming from step {step} ({state_path})")
+
+    main = accelerator.is_main_process
+
+    def checkpoint():
+        if main:
+            save_state(state_path, get_state() | {"config": config, "rng": rng_state(), "step": step,
+                                                  "elapsed": elapsed})
+        accelerator.wait_for_everyone()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "metrics.jsonl"
+    if main:
+        truncate_log(log_path, step)  # lines past the checkpoint were written by the run that stopped
+    log = open(log_path, "a") if main else None
+    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not (progress and main))
+    last_saved = step if state_path.exists() else None
+    try:
+        with deferred_interrupt() as interrupted:
+            while step < steps and not interrupted():
+                t0 = time.perf_counter()
+                logs = {"step": step} | train_step(step)
+                step += 1
+                elapsed += time.perf_counter() - t0
+                logs["seconds"] = round(elapsed, 2)
+                bar.update(1)
+                bar.set_postfix({k.removeprefix("loss_"): f"{v:.4g}" for k, v in logs.items() if k.startswith("loss_")})
+                if main and ((step - 1) % log_every == 0 or step == steps):
+                    log.write(json.dumps(logs) + "\n")
+                if step % checkpoint_every == 0 or step == steps:
+                    if main:
+                        log.flush()
+                    checkpoint()
+                    last_saved = step
+        if step < steps:  # Ctrl-C: the loop stopped between steps, so the state is consistent
+            checkpoint()
+            raise UserError(f"interrupted at step {step}; the state is saved in {state_path}: run the same "
+                            "command to resume")
+    except NonFiniteLoss as e:
+        kept = (f"the checkpoint at step {last_saved} in {state_path} is kept" if last_saved is not None
+                else "no checkpoint was written yet")
+        raise UserError(f"{e}; training stopped ({kept}). Lower the learning rates or check the data") from None
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    return step, elapsed
