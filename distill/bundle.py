@@ -61,8 +61,8 @@ def sample_sfd(D, x: torch.Tensor, sigmas: torch.Tensor, cond: dict | None = Non
     """SFD's Euler loop (Zhou et al. 2024): x <- x + (sigma' - sigma) (x - D(x, sigma)) / sigma down the
     student's sigmas (which end at its sigma_min, not 0); the result is x at sigma_min.
 
-    With `afs` (the analytical first step) the first step needs no network call: it takes the denoiser of
-    unit-variance data, D(x, sigma) = x - sigma x / sqrt(1 + sigma^2), so NFE = len(sigmas) - 2.
+    With `afs` (the analytical first step) the first step needs no network call: its direction (the noise) is
+    taken as x / sqrt(1 + sigma^2), so NFE = len(sigmas) - 2 (sfd.afs_step).
     """
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i].item(), sigmas[i + 1].item()

@@ -19,6 +19,7 @@ import torch
 
 from .dmd2 import DMD2Config, train_dmd2
 from .errors import UserError, cli_main
+from .sfd import SFD_NFES, SFDConfig, train_sfd
 
 DIGITS_4STEP = (999, 749, 499, 249)
 
@@ -26,11 +27,15 @@ DIGITS_4STEP = (999, 749, 499, 249)
 @dataclass
 class Preset:
     description: str
-    config: DMD2Config
+    config: DMD2Config | SFDConfig  # the config's type picks the method
     teacher: str | None = None  # None: the committed digits teacher; "required": --teacher must be given
     data: str | None = "digits"  # "digits", "folder" (--data required), or None (no real data)
     eval_samples: int = 1000
     overrides: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return "sfd" if isinstance(self.config, SFDConfig) else "dmd2"
 
 
 def _digits(**kw) -> DMD2Config:
@@ -51,6 +56,10 @@ PRESETS: dict[str, Preset] = {
     "digits-ttur": Preset("ablation: DM loss + two time-scale rule, no GAN", _digits(use_gan=False), data=None),
     "digits-regression": Preset("ablation: the original DMD (DM loss + regression on teacher pairs, no TTUR/GAN)",
                                 _digits(dfake_gen_update_ratio=1, use_gan=False, regression_weight=1.0), data=None),
+    "digits-sfd": Preset("digits teacher -> SFD Euler student (--nfe 2..5, default 4; no training data)",
+                         SFDConfig(nfe=4, steps=300, batch_size=64, lr=1e-4, checkpoint_every=25), data=None),
+    "pixel-sfd": Preset("any pixel-space diffusers teacher -> SFD Euler student (--teacher, --nfe 2..5)",
+                        SFDConfig(), teacher="required", data=None, eval_samples=0),
     "pixel": Preset("any pixel-space diffusers teacher -> 1-step student (--teacher, --data: image folder)",
                     DMD2Config(), teacher="required", data="folder", eval_samples=0),
     "sd15": Preset("SD 1.5 layout -> 1-step student (--teacher, --data: captioned images); the reference's "
@@ -65,11 +74,12 @@ PRESETS: dict[str, Preset] = {
                    teacher="required", data="folder", eval_samples=0),
 }
 DEFAULT_PRESET = "digits-1step"
+DEFAULT_PRESETS = {"dmd2": "digits-1step", "sfd": "digits-sfd"}  # --method without --preset
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """`--set key=value` pairs -> typed DMD2Config fields (values parsed as JSON, else kept as strings)."""
-    fields = {f.name: f for f in dataclasses.fields(DMD2Config)}
+def parse_overrides(items: list[str], config_type=DMD2Config) -> dict:
+    """`--set key=value` pairs -> typed config fields (values parsed as JSON, else kept as strings)."""
+    fields = {f.name: f for f in dataclasses.fields(config_type)}
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -86,14 +96,26 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def resolve(args) -> tuple[Preset, DMD2Config, Path | None]:
+def resolve(args) -> tuple[Preset, DMD2Config | SFDConfig, Path | None]:
+    if args.preset is None:
+        args.preset = DEFAULT_PRESETS[args.method or "dmd2"]
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r}; presets: {', '.join(PRESETS)}")
     preset = PRESETS[args.preset]
-    overrides = parse_overrides(args.set or [])
+    if args.method is not None and args.method != preset.method:
+        raise UserError(f"preset {args.preset} is a {preset.method} recipe, not {args.method}; {args.method} presets: "
+                        + ", ".join(k for k, p in PRESETS.items() if p.method == args.method))
+    overrides = parse_overrides(args.set or [], type(preset.config))
     for name in ("steps", "batch_size", "seed"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.nfe is not None:
+        if preset.method == "dmd2":
+            raise UserError("a DMD2 student's steps come from its preset (digits-1step: 1, digits-4step: 4) or "
+                            "--set student_timesteps=[999,749,499,249]; --nfe is for --method sfd")
+        if args.nfe not in SFD_NFES:
+            raise UserError(f"--nfe {args.nfe}: SFD trains students for NFE {', '.join(map(str, SFD_NFES))}")
+        overrides["nfe"] = args.nfe
     cfg = dataclasses.replace(preset.config, **overrides)
     if preset.teacher == "required" and args.teacher is None:
         raise UserError(f"preset {args.preset} needs --teacher PATH (a local diffusers folder)")
@@ -261,7 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = "presets:\n" + "\n".join(f"  {k:<{width}}  {p.description}" for k, p in PRESETS.items())
     p = argparse.ArgumentParser(prog="python -m distill.run", description=__doc__.split("\n\n")[0],
                                 epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"recipe (default {DEFAULT_PRESET}; listed below)")
+    p.add_argument("--method", choices=sorted(DEFAULT_PRESETS),
+                   help=f"dmd2 or sfd (default: the preset's; without --preset: {DEFAULT_PRESET} / digits-sfd)")
+    p.add_argument("--preset", help=f"recipe (default {DEFAULT_PRESET}; listed below)")
+    p.add_argument("--nfe", type=int, help=f"SFD: student network calls ({', '.join(map(str, SFD_NFES))})")
     p.add_argument("--teacher", type=Path, help="teacher folder (default: the committed digits teacher)")
     p.add_argument("--data", type=Path, help="real images for the GAN loss (class folders, or captioned images)")
     p.add_argument("--out", type=Path, help="output folder (default runs/<preset>)")
@@ -269,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="per-process batch size")
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override any DMD2 setting, e.g. --set gan_g_weight=0.01 --set student_timesteps=[999,499]")
+                   help="override any setting of the method's config (DMD2Config / SFDConfig), e.g. "
+                        "--set gan_g_weight=0.01 --set student_timesteps=[999,499]")
     p.add_argument("--eval-samples", type=int, help="samples per NFE for the final metrics (0: skip)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     p.add_argument("--no-progress", action="store_true")
@@ -285,14 +311,15 @@ def run(args) -> Path:
     started = time.perf_counter()
     preset, cfg, teacher_dir = resolve(args)
     teacher_dir = teacher_dir or TEACHER_DIR
-    out = args.out or Path("runs") / args.preset
+    out = args.out or Path("runs") / (args.preset + (f"-nfe{cfg.nfe}" if preset.method == "sfd" else ""))
     accelerator = Accelerator(cpu=args.cpu)
     teacher = load_teacher(teacher_dir)
     check_conditioning(args.preset, preset, teacher)
     teacher.to(accelerator.device)
-    real_data = load_real_data(preset, teacher, args.data) if (cfg.use_gan or preset.data == "digits") else None
+    uses_data = preset.method == "dmd2" and (cfg.use_gan or preset.data == "digits")
+    real_data = load_real_data(preset, teacher, args.data) if uses_data else None
     pairs = None
-    if cfg.regression_weight > 0:
+    if preset.method == "dmd2" and cfg.regression_weight > 0:
         from .dmd2 import make_regression_pairs
 
         pairs = make_regression_pairs(teacher, n=2000, seed=12345)
@@ -302,9 +329,13 @@ def run(args) -> Path:
         (out / "config.json").write_text(json.dumps({
             "preset": args.preset, "teacher": str(teacher_dir), "data": str(args.data) if args.data else preset.data,
             "processes": accelerator.num_processes, "device": str(accelerator.device),
-            "dmd2": dataclasses.asdict(cfg)}, indent=2))
+            "method": preset.method, preset.method: dataclasses.asdict(cfg)}, indent=2))
         print(f"distilling {teacher.describe()}\n  preset {args.preset}: {preset.description}\n  output {out}")
-    bundle = train_dmd2(cfg, teacher, real_data, out, pairs, progress=not args.no_progress, accelerator=accelerator)
+    if preset.method == "sfd":
+        bundle = train_sfd(cfg, teacher, out, progress=not args.no_progress, accelerator=accelerator)
+    else:
+        bundle = train_dmd2(cfg, teacher, real_data, out, pairs, progress=not args.no_progress,
+                            accelerator=accelerator)
     if not main:
         return bundle
 

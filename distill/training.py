@@ -97,13 +97,15 @@ def deferred_interrupt():
 
 def run_loop(*, out_dir: Path, config: dict, steps: int, checkpoint_every: int, log_every: int, accelerator,
              train_step: Callable[[int], dict], get_state: Callable[[], dict], set_state: Callable[[dict], None],
-             progress: bool = True, desc: str = "train") -> tuple[int, float]:
+             progress: bool = True, desc: str = "train",
+             resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> tuple[int, float]:
     """Run `train_step(step)` for step = (resumed step) .. steps-1; returns (steps done, training seconds).
 
     out_dir/state.safetensors holds the method's state plus the step, wall time, global RNG state and config;
     it is written atomically every `checkpoint_every` steps, at the end and on Ctrl-C. out_dir/metrics.jsonl
     gets the logs of every `log_every`-th step (and the last); on resume, records past the checkpoint are
-    dropped so every step appears once.
+    dropped so every step appears once. `resumable`: the config keys a resumed run may change (a method whose
+    schedule depends on `steps` leaves it out).
     """
     out_dir = Path(out_dir)
     state_path = out_dir / STATE_NAME
@@ -111,8 +113,8 @@ def run_loop(*, out_dir: Path, config: dict, steps: int, checkpoint_every: int, 
     step, elapsed = 0, 0.0
     if state_path.exists():
         state = load_state(state_path)
-        saved = {k: v for k, v in state.get("config", {}).items() if k not in RESUMABLE_CHANGES}
-        wanted = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+        saved = {k: v for k, v in state.get("config", {}).items() if k not in resumable}
+        wanted = {k: v for k, v in config.items() if k not in resumable}
         changed = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
         if changed:
             raise UserError(f"{state_path} was written with a different config ({', '.join(changed)}); "
