@@ -80,19 +80,21 @@ def run_all(runs: list[tuple[str, str, list[str]]], args) -> tuple[list[dict], d
     return rows, reference
 
 
-def write_report(rows: list[dict], reference: dict | None, out: Path) -> None:
+def write_report(rows: list[dict], reference: dict | None, out: Path, tag: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "dmd2_digits.json").write_text(json.dumps({"reference": reference, "rows": rows}, indent=2))
-    lines = ["| run | NFE | FD ↓ | class accuracy | train s | peak MB | images/s | device |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    stem = "dmd2_digits" + (f"_{tag}" if tag else "")
+    (out / f"{stem}.json").write_text(json.dumps({"reference": reference, "rows": rows}, indent=2))
+    lines = ["| run | settings | NFE | FD ↓ | class accuracy | train s | peak MB | images/s | device |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['nfe']} | {r['fd']:.3f} | {100 * r['accuracy']:.1f}% | "
+        settings = " ".join([r["preset"], *r["overrides"]])
+        lines.append(f"| {r['run']} | {settings} | {r['nfe']} | {r['fd']:.3f} | {100 * r['accuracy']:.1f}% | "
                      f"{r['train_seconds']:.0f} | {r['peak_memory_mb']:.0f} | {r['images_per_s']:.0f} | "
                      f"{r['device']} |")
     if reference:
-        lines.append(f"| teacher {reference['sampler']} (reference) | {reference['nfe']} | {reference['fd']:.3f} | "
+        lines.append(f"| teacher | {reference['sampler']} (reference) | {reference['nfe']} | {reference['fd']:.3f} | "
                      f"{100 * reference['accuracy']:.1f}% | – | – | {reference['images_per_s']:.0f} | – |")
-    (out / "dmd2_digits.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -108,7 +110,7 @@ def write_report(rows: list[dict], reference: dict | None, out: Path) -> None:
     ax.invert_yaxis()
     ax.set(xlabel="digits FD (lower is better)", title="DMD2 students on the digits teacher")
     fig.tight_layout()
-    fig.savefig(out / "dmd2_digits.png", dpi=120)
+    fig.savefig(out / f"{stem}.png", dpi=120)
     plt.close(fig)
 
 
@@ -123,12 +125,13 @@ def main(argv=None):
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     p.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
+    p.add_argument("--tag", default="", help="report name suffix: OUT/dmd2_digits_TAG.md/.json/.png")
     args = p.parse_args(argv)
     runs = [parse_run(s) for s in args.runs.split(",") if s]
     args.work.mkdir(parents=True, exist_ok=True)
     rows, reference = run_all(runs, args)
-    write_report(rows, reference, args.out)
-    print((args.out / "dmd2_digits.md").read_text())
+    write_report(rows, reference, args.out, args.tag)
+    print((args.out / ("dmd2_digits" + (f"_{args.tag}" if args.tag else "") + ".md")).read_text())
 
 
 if __name__ == "__main__":

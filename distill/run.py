@@ -40,7 +40,7 @@ class Preset:
 
 def _digits(**kw) -> DMD2Config:
     """The digits recipe (tuned on the committed teacher; see docs/dmd2_digits.md)."""
-    base = dict(steps=1500, batch_size=64, lr_generator=1e-4, lr_fake=1e-4, warmup=100, weight_decay=0.0,
+    base = dict(steps=1200, batch_size=64, lr_generator=1e-4, lr_fake=1e-4, warmup=100, weight_decay=0.0,
                 dfake_gen_update_ratio=5, gan_g_weight=3e-2, gan_d_weight=1e-1, checkpoint_every=250)
     return DMD2Config(**(base | kw))
 
