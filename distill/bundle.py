@@ -14,6 +14,7 @@ Manifest (format_version 1):
      "conditioning": {"kind": "class", "num_classes": K, "null_class": K} | {"kind": "none"}
                      | {"kind": "text", "teacher": PATH, "sdxl": bool},
      "image": {"channels", "height", "width", "value_range": [-1, 1]} (+ "latent_shape" for latent students),
+     "nfe_condition": {"emb_dim", "hidden", "weights"}   # SFD-v only: the step count is an input (`nfe`)
      "teacher": PATH, "metrics": {}, "training": {...}}
 
 Loading needs no training code: `load_bundle(path).generate(noise, cond, nfe)`.
@@ -25,6 +26,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .denoiser import VPDenoiser
 from .errors import UserError
@@ -97,8 +99,9 @@ def base_manifest(teacher, method: str, nfe: dict, renoise: str, training: dict)
             "teacher": teacher.source, "metrics": {}, "training": training}
 
 
-def write_bundle(out_dir: str | Path, student_unet, manifest: dict) -> Path:
-    """Write unet/ (safetensors) and the manifest atomically: a temp folder renamed over the old one."""
+def write_bundle(out_dir: str | Path, student_unet, manifest: dict, extra: dict | None = None) -> Path:
+    """Write unet/ (safetensors), the manifest and `extra` ({file name: state dict}, e.g. SFD-v's NFE
+    embedding) atomically: a temp folder renamed over the old one."""
     out_dir = Path(out_dir)
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
@@ -108,6 +111,8 @@ def write_bundle(out_dir: str | Path, student_unet, manifest: dict) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     student_unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    for name, state in (extra or {}).items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / name))
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     if out_dir.exists():  # two renames: the old bundle disappears only once the new one is complete
         old = out_dir.with_name(out_dir.name + ".old")
@@ -176,6 +181,8 @@ class StudentBundle:
         nfe = self.nfes[-1] if nfe is None else nfe
         sigmas = self.sigmas(nfe)
         x = noise.float() * sigmas[0].item()
+        if "nfe_condition" in self.manifest:  # SFD-v: the student is told its step count
+            cond = dict(cond or {}) | {"nfe": torch.full((len(x),), nfe, dtype=torch.long, device=x.device)}
         if self.manifest["renoise"] == "none":  # SFD: a deterministic Euler trajectory
             return sample_sfd(self.denoiser, x, sigmas, cond, afs=self.manifest["nfe"][str(nfe)].get("afs", False))
         return sample_dmd2(self.denoiser, x, sigmas, cond, fresh_noise, generator)
@@ -193,6 +200,21 @@ def _backbone(manifest: dict, unet):
         xl = unet.config.get("addition_embed_type") == "text_time"
         return SDXLUNetBackbone(unet) if xl else SDUNetBackbone(unet)
     raise UserError(f"unknown student family {manifest['family']!r}; this fewstep knows pixel and latent")
+
+
+def _nfe_conditioned(path: Path, spec: dict, backbone):
+    """SFD-v: the backbone with its step-count embedding (strictly loaded from its own safetensors file)."""
+    from .nfe_condition import NFEConditioned, NFEEmbedding
+
+    embedding = NFEEmbedding(spec["emb_dim"], spec["hidden"])
+    file = path / spec["weights"]
+    if not file.exists():
+        raise UserError(f"{path}: the manifest names {spec['weights']} (the NFE embedding), which is missing")
+    try:
+        embedding.load_state_dict(load_file(str(file)))
+    except RuntimeError as e:
+        raise UserError(f"{file} does not match the manifest's NFE embedding ({str(e).splitlines()[0]})") from None
+    return NFEConditioned(backbone, embedding)
 
 
 def load_bundle(path: str | Path) -> StudentBundle:
@@ -224,5 +246,8 @@ def load_bundle(path: str | Path) -> StudentBundle:
         raise UserError(f"{path}: the manifest lists no NFE to sample with")
     unet = load_diffusers_model(getattr(diffusers, manifest["model_class"]), path / "unet")
     schedule = VPSchedule.from_scheduler_config(manifest["schedule"]["scheduler_config"])
-    denoiser = VPDenoiser(_backbone(manifest, unet), schedule, manifest["prediction_type"]).eval()
+    backbone = _backbone(manifest, unet)
+    if "nfe_condition" in manifest:
+        backbone = _nfe_conditioned(path, manifest["nfe_condition"], backbone)
+    denoiser = VPDenoiser(backbone, schedule, manifest["prediction_type"]).eval()
     return StudentBundle(manifest, denoiser, source=str(path))

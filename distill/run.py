@@ -58,6 +58,9 @@ PRESETS: dict[str, Preset] = {
                                 _digits(dfake_gen_update_ratio=1, use_gan=False, regression_weight=1.0), data=None),
     "digits-sfd": Preset("digits teacher -> SFD Euler student (--nfe 2..5, default 4; no training data)",
                          SFDConfig(nfe=4, steps=300, batch_size=64, lr=1e-4, checkpoint_every=25), data=None),
+    "digits-sfd-v": Preset("digits teacher -> SFD-v: one Euler student for NFE 2, 3, 4 and 5 (step count as input)",
+                           SFDConfig(nfes=SFD_NFES, steps=300, batch_size=64, lr=1e-4, checkpoint_every=25),
+                           data=None),
     "pixel-sfd": Preset("any pixel-space diffusers teacher -> SFD Euler student (--teacher, --nfe 2..5)",
                         SFDConfig(), teacher="required", data=None, eval_samples=0),
     "pixel": Preset("any pixel-space diffusers teacher -> 1-step student (--teacher, --data: image folder)",
@@ -113,6 +116,9 @@ def resolve(args) -> tuple[Preset, DMD2Config | SFDConfig, Path | None]:
         if preset.method == "dmd2":
             raise UserError("a DMD2 student's steps come from its preset (digits-1step: 1, digits-4step: 4) or "
                             "--set student_timesteps=[999,749,499,249]; --nfe is for --method sfd")
+        if preset.config.nfes:
+            raise UserError(f"preset {args.preset} trains one student for NFE {', '.join(map(str, preset.config.nfes))}"
+                            "; leave out --nfe (or --set nfes=[2,4] for another set)")
         if args.nfe not in SFD_NFES:
             raise UserError(f"--nfe {args.nfe}: SFD trains students for NFE {', '.join(map(str, SFD_NFES))}")
         overrides["nfe"] = args.nfe
@@ -311,7 +317,8 @@ def run(args) -> Path:
     started = time.perf_counter()
     preset, cfg, teacher_dir = resolve(args)
     teacher_dir = teacher_dir or TEACHER_DIR
-    out = args.out or Path("runs") / (args.preset + (f"-nfe{cfg.nfe}" if preset.method == "sfd" else ""))
+    suffix = f"-nfe{cfg.nfe}" if preset.method == "sfd" and not cfg.nfes else ""
+    out = args.out or Path("runs") / (args.preset + suffix)
     accelerator = Accelerator(cpu=args.cpu)
     teacher = load_teacher(teacher_dir)
     check_conditioning(args.preset, preset, teacher)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .bundle import base_manifest, write_bundle
 from .denoiser import VPDenoiser, guided
 from .errors import UserError
+from .nfe_condition import NFEConditioned, NFEEmbedding, time_embed_dim
 from .samplers import dpmpp_states
 from .schedule import sigmas_karras
 from .training import autocast, check_finite, optimizer_step, resolve_precision, run_loop
@@ -29,6 +30,7 @@ SFD_NFES = (2, 3, 4, 5)
 @dataclass
 class SFDConfig:
     nfe: int = 4  # student network calls, 2..5
+    nfes: tuple[int, ...] = ()  # SFD-v: one student for all of these (each batch draws one); () = plain SFD
     afs: bool = True  # analytical first step: one more timestamp, no network call for it
     teacher_steps: int = 4  # DPM-Solver++(3M) steps between consecutive student timestamps
     # The student's sigma range. None: SFD's 0.006 (raised from EDM's 0.002) and EDM's 80, clipped to what the
@@ -99,9 +101,10 @@ def check_setup(cfg: SFDConfig, teacher) -> None:
     if not isinstance(teacher.denoiser, VPDenoiser) or not hasattr(teacher.denoiser.net, "unet"):
         raise UserError("SFD here distils diffusers UNet teachers with a DDPM-family (VP) schedule; "
                         f"{teacher.describe()} is not one")
-    if cfg.nfe not in SFD_NFES:
-        raise UserError(f"SFD trains students for NFE {', '.join(map(str, SFD_NFES))} (and 1 through the "
-                        f"one-step second stage); got --nfe {cfg.nfe}")
+    for nfe in cfg.nfes or (cfg.nfe,):
+        if nfe not in SFD_NFES:
+            raise UserError(f"SFD trains students for NFE {', '.join(map(str, SFD_NFES))} (and 1 through the "
+                            f"one-step second stage); got --nfe {nfe}")
     schedule = teacher.denoiser.schedule
     lo, hi = schedule.sigma_min, schedule.sigma_max
     sigma_min, sigma_max = sigma_range(cfg, teacher)
@@ -136,10 +139,17 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
     precision = resolve_precision(cfg.mixed_precision, device)
     torch.manual_seed(cfg.seed)
     sigma_min, sigma_max = sigma_range(cfg, teacher)
-    coarse = student_sigmas(cfg.nfe, cfg.afs, sigma_min, sigma_max, cfg.rho)
-    fine = teacher_sigmas(cfg.nfe, cfg.afs, cfg.teacher_steps, sigma_min, sigma_max, cfg.rho).to(device)
+    variable = bool(cfg.nfes)  # SFD-v
+    nfes = tuple(cfg.nfes) if variable else (cfg.nfe,)
+    grids = {n: (student_sigmas(n, cfg.afs, sigma_min, sigma_max, cfg.rho),
+                 teacher_sigmas(n, cfg.afs, cfg.teacher_steps, sigma_min, sigma_max, cfg.rho).to(device))
+             for n in nfes}
     real = teacher.denoiser.eval().requires_grad_(False)
     student = copy.deepcopy(real).train().requires_grad_(True)
+    embedding = None
+    if variable:  # the step count as an extra condition, zero at the start (student == teacher)
+        embedding = NFEEmbedding(time_embed_dim(student.net.unet)).to(device)
+        student.net = NFEConditioned(student.net, embedding)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     student_train, opt = accelerator.prepare(student, opt)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -168,6 +178,9 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
         cond, uncond = draw_condition(teacher, cfg.batch_size * world, gen, device)
         cond = {k: v[mine] for k, v in cond.items()}
         uncond = None if uncond is None else {k: v[mine] for k, v in uncond.items()}
+        nfe = nfes[int(torch.randint(0, len(nfes), (), generator=gen))] if variable else cfg.nfe
+        coarse, fine = grids[nfe]
+        student_cond = cond | ({"nfe": torch.full((len(noise),), nfe, device=device)} if variable else {})
         x = noise * coarse[0].item()
         D_teacher = real if uncond is None else guided(real, scale, uncond)
         with autocast(device, precision):
@@ -179,26 +192,32 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
                 x = afs_step(x, s, s_next)
                 continue
             with autocast(device, precision):
-                x_next = euler_step(student_train, x.detach(), s, s_next, cond)
+                x_next = euler_step(student_train, x.detach(), s, s_next, student_cond)
             loss = F.l1_loss(x_next, target[i + 1])
             check_finite({f"step{i}": loss}, step, accelerator)
             optimizer_step(loss, opt, scaler, params, cfg.grad_clip, accelerator)
             logs[f"loss_step{i}"] = loss.item()
             x = x_next.detach()
-        return logs | {"loss_l1": sum(logs.values()) / len(logs), "lr": lr}
+        return logs | {"loss_l1": sum(logs.values()) / len(logs), "nfe": nfe, "lr": lr}
 
     step, elapsed = run_loop(out_dir=out_dir, config=asdict(cfg), steps=cfg.steps,
                              checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                              accelerator=accelerator, train_step=train_step, get_state=get_state,
-                             set_state=set_state, progress=progress, desc=f"sfd nfe={cfg.nfe}",
+                             set_state=set_state, progress=progress,
+                             desc=f"sfd-v nfe={','.join(map(str, nfes))}" if variable else f"sfd nfe={cfg.nfe}",
                              resumable=("checkpoint_every", "log_every"))  # the LR drop depends on `steps`
-    nfe = {str(cfg.nfe): {"sigmas": [float(s) for s in coarse], "afs": cfg.afs,
-                          "timesteps": [float(t) for t in teacher.denoiser.schedule.sigma_to_t(coarse)]}}
-    manifest = base_manifest(teacher, "sfd", nfe, "none", asdict(cfg))
+    entries = {str(n): {"sigmas": [float(s) for s in grids[n][0]], "afs": cfg.afs,
+                        "timesteps": [float(t) for t in teacher.denoiser.schedule.sigma_to_t(grids[n][0])]}
+               for n in nfes}
+    manifest = base_manifest(teacher, "sfd-v" if variable else "sfd", entries, "none", asdict(cfg))
     manifest["training"] |= {"train_seconds": round(elapsed, 1), "steps_done": step,
                              "processes": accelerator.num_processes}
+    extra = {}
+    if variable:
+        manifest["nfe_condition"] = embedding.spec()
+        extra[embedding.spec()["weights"]] = embedding.state_dict()
     bundle = out_dir / "student"
     if accelerator.is_main_process:
-        write_bundle(bundle, student.net.unet, manifest)
+        write_bundle(bundle, student.net.unet, manifest, extra)
     accelerator.wait_for_everyone()
     return bundle

@@ -156,7 +156,7 @@ def test_run_cli_bad_input_is_one_clear_line(case, teacher_dir, tmp_path, capsys
                               capsys)
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     expected = {"nfe_7": "NFE 2, 3, 4, 5", "nfe_for_dmd2": "--nfe is for --method sfd",
-                "method_mismatch": "sfd presets: digits-sfd, pixel-sfd", "bad_set": "gan_g_weight"}[case]
+                "method_mismatch": "sfd presets: digits-sfd, digits-sfd-v, pixel-sfd", "bad_set": "gan_g_weight"}[case]
     assert expected in err
 
 
@@ -171,3 +171,41 @@ def test_run_cli_sfd_end_to_end(teacher_dir, tmp_path, capsys):
     assert load_bundle(out / "student").nfes == [3]
     assert (out / "losses.png").exists() and (out / "samples.png").exists()
     assert "export.trt --student" in stdout and "--nfe 3" in stdout
+
+
+# ---- SFD-v: one student for several NFEs ----------------------------------------------------------------------
+
+
+def test_nfe_conditioned_student_starts_as_its_teacher(teacher_dir):
+    from distill.nfe_condition import NFEConditioned, NFEEmbedding, time_embed_dim
+
+    teacher = load_teacher(teacher_dir)
+    student = NFEConditioned(teacher.denoiser.net, NFEEmbedding(time_embed_dim(teacher.denoiser.net.unet)))
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.tensor([10.0, 500.0, 990.0]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        plain = teacher.denoiser.net(x, t, class_labels=labels)
+        for nfe in (2, 5):
+            torch.testing.assert_close(student(x, t, nfe=torch.full((3,), nfe), class_labels=labels), plain)
+        student.embedding.mlp[-1].bias.fill_(0.1)  # once trained, the step count changes the output
+        assert not torch.allclose(student(x, t, nfe=torch.full((3,), 2), class_labels=labels), plain)
+
+
+def test_sfd_v_trains_one_student_for_several_nfes(teacher_dir, tmp_path):
+    from distill.nfe_condition import WEIGHTS_NAME
+
+    bundle_dir = train_sfd(tiny_config(nfes=(2, 3), steps=6), load_teacher(teacher_dir), tmp_path, progress=False)
+    records = log_records(tmp_path)
+    assert {r["nfe"] for r in records} == {2, 3}  # both drawn within six batches (seeded)
+    manifest = json.loads((bundle_dir / MANIFEST_NAME).read_text())
+    assert manifest["method"] == "sfd-v" and sorted(manifest["nfe"]) == ["2", "3"]
+    assert manifest["nfe_condition"]["weights"] == WEIGHTS_NAME and (bundle_dir / WEIGHTS_NAME).exists()
+    student = load_bundle(bundle_dir)
+    assert student.nfes == [2, 3]
+    assert student.denoiser.net.embedding.mlp[-1].weight.abs().sum() > 0  # the embedding trained
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for nfe in (2, 3):
+        assert torch.isfinite(student.generate(noise, student.cond([0, 1]), nfe)).all()
+    (bundle_dir / WEIGHTS_NAME).unlink()
+    with pytest.raises(UserError, match="NFE embedding.*missing"):
+        load_bundle(bundle_dir)
