@@ -19,7 +19,7 @@ import torch
 
 from .dmd2 import DMD2Config, train_dmd2
 from .errors import UserError, cli_main
-from .sfd import SFD_NFES, SFDConfig, train_sfd
+from .sfd import SFD_NFES, SFDConfig, train_sfd, train_sfd_one_step
 
 DIGITS_4STEP = (999, 749, 499, 249)
 
@@ -119,9 +119,17 @@ def resolve(args) -> tuple[Preset, DMD2Config | SFDConfig, Path | None]:
         if preset.config.nfes:
             raise UserError(f"preset {args.preset} trains one student for NFE {', '.join(map(str, preset.config.nfes))}"
                             "; leave out --nfe (or --set nfes=[2,4] for another set)")
-        if args.nfe not in SFD_NFES:
-            raise UserError(f"--nfe {args.nfe}: SFD trains students for NFE {', '.join(map(str, SFD_NFES))}")
+        if args.nfe not in (1, *SFD_NFES):
+            raise UserError(f"--nfe {args.nfe}: SFD trains students for NFE {', '.join(map(str, SFD_NFES))}, and 1 "
+                            "through its second stage (--nfe 1 --source SFD_STUDENT)")
+        if args.nfe == 1 and args.source is None:
+            raise UserError("--nfe 1 is SFD's second stage: give the SFD or SFD-v student to distil into one step "
+                            "with --source DIR (e.g. runs/digits-sfd-v/student)")
         overrides["nfe"] = args.nfe
+    if args.source is not None:
+        if preset.method != "sfd" or args.nfe != 1:
+            raise UserError("--source is for SFD's second stage: --method sfd --nfe 1 --source DIR")
+        overrides["source"] = str(args.source)
     cfg = dataclasses.replace(preset.config, **overrides)
     if preset.teacher == "required" and args.teacher is None:
         raise UserError(f"preset {args.preset} needs --teacher PATH (a local diffusers folder)")
@@ -292,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=sorted(DEFAULT_PRESETS),
                    help=f"dmd2 or sfd (default: the preset's; without --preset: {DEFAULT_PRESET} / digits-sfd)")
     p.add_argument("--preset", help=f"recipe (default {DEFAULT_PRESET}; listed below)")
-    p.add_argument("--nfe", type=int, help=f"SFD: student network calls ({', '.join(map(str, SFD_NFES))})")
+    p.add_argument("--nfe", type=int, help=f"SFD: student network calls ({', '.join(map(str, SFD_NFES))}; 1 = the "
+                   "second stage, with --source)")
+    p.add_argument("--source", type=Path, help="SFD --nfe 1: the SFD / SFD-v student bundle to distil into one step")
     p.add_argument("--teacher", type=Path, help="teacher folder (default: the committed digits teacher)")
     p.add_argument("--data", type=Path, help="real images for the GAN loss (class folders, or captioned images)")
     p.add_argument("--out", type=Path, help="output folder (default runs/<preset>)")
@@ -338,7 +348,9 @@ def run(args) -> Path:
             "processes": accelerator.num_processes, "device": str(accelerator.device),
             "method": preset.method, preset.method: dataclasses.asdict(cfg)}, indent=2))
         print(f"distilling {teacher.describe()}\n  preset {args.preset}: {preset.description}\n  output {out}")
-    if preset.method == "sfd":
+    if preset.method == "sfd" and cfg.nfe == 1 and not cfg.nfes:
+        bundle = train_sfd_one_step(cfg, out, progress=not args.no_progress, accelerator=accelerator)
+    elif preset.method == "sfd":
         bundle = train_sfd(cfg, teacher, out, progress=not args.no_progress, accelerator=accelerator)
     else:
         bundle = train_dmd2(cfg, teacher, real_data, out, pairs, progress=not args.no_progress,

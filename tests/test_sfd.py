@@ -209,3 +209,41 @@ def test_sfd_v_trains_one_student_for_several_nfes(teacher_dir, tmp_path):
     (bundle_dir / WEIGHTS_NAME).unlink()
     with pytest.raises(UserError, match="NFE embedding.*missing"):
         load_bundle(bundle_dir)
+
+
+# ---- the second stage: one NFE ------------------------------------------------------------------------------------
+
+
+def test_perceptual_loss_is_zero_only_for_equal_images_and_sees_edges():
+    from distill.sfd import perceptual_loss
+
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert perceptual_loss(x, x) == 0
+    shifted = torch.roll(x, 1, dims=-1)  # same pixel statistics, edges moved
+    assert perceptual_loss(x, shifted) > 0.1
+
+
+@pytest.mark.parametrize("source_kind", ["sfd", "sfd-v"])
+def test_one_step_stage_from_an_sfd_student(teacher_dir, tmp_path, source_kind):
+    teacher = load_teacher(teacher_dir)
+    cfg = tiny_config(nfe=5, steps=1) if source_kind == "sfd" else tiny_config(nfes=(3, 5), steps=2)
+    source = train_sfd(cfg, teacher, tmp_path / "source", progress=False)
+    from distill.sfd import train_sfd_one_step
+
+    one = train_sfd_one_step(tiny_config(nfe=1, source=str(source), steps=3), tmp_path / "one", progress=False)
+    manifest = json.loads((one / MANIFEST_NAME).read_text())
+    assert manifest["method"] == "sfd-1" and list(manifest["nfe"]) == ["1"]
+    assert len(manifest["nfe"]["1"]["sigmas"]) == 3  # AFS + one network call
+    records = log_records(tmp_path / "one")
+    assert [r["step"] for r in records] == [0, 1, 2] and all(r["loss_l1"] > 0 for r in records)
+    student = load_bundle(one)
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(student.generate(noise, student.cond([0, 1]), 1)).all()
+    with pytest.raises(UserError, match="serves NFE"):
+        train_sfd_one_step(tiny_config(nfe=1, source=str(source), source_nfe=4), tmp_path / "x", progress=False)
+
+
+def test_one_step_cli_needs_a_source(teacher_dir, tmp_path, capsys):
+    code, out, err = run_main(run_cli.main, ["--method", "sfd", "--nfe", "1", "--teacher", str(teacher_dir),
+                                             "--preset", "pixel-sfd", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--source DIR" in err and len(err.strip().splitlines()) == 1
