@@ -107,7 +107,7 @@ def main(argv=None):
     p.add_argument("--nfes", default="2,3,4,5", help="SFD students to train (comma-separated, within 2..5)")
     p.add_argument("--no-variable", dest="variable", action="store_false", help="skip SFD-v and the 1-NFE stage")
     p.add_argument("--steps", type=int, help="batches per student (default: the presets')")
-    p.add_argument("--one-step-steps", type=int, default=300, help="batches of the one-NFE stage")
+    p.add_argument("--one-step-steps", type=int, default=200, help="batches of the one-NFE stage")
     p.add_argument("--dmd2", type=Path, help="a finished DMD2 run folder (e.g. runs/quickstart) for the cost row")
     p.add_argument("--work", type=Path, default=Path("runs/bench_sfd"), help="run folders (reused when complete)")
     p.add_argument("--out", type=Path, default=Path("docs"))
