@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .denoiser import VPDenoiser
@@ -206,13 +207,16 @@ def _nfe_conditioned(path: Path, spec: dict, backbone):
     """SFD-v: the backbone with its step-count embedding (strictly loaded from its own safetensors file)."""
     from .nfe_condition import NFEConditioned, NFEEmbedding
 
-    embedding = NFEEmbedding(spec["emb_dim"], spec["hidden"])
-    file = path / spec["weights"]
+    try:
+        embedding = NFEEmbedding(spec["emb_dim"], spec["hidden"])
+        file = path / spec["weights"]
+    except (KeyError, TypeError):
+        raise UserError(f"{path / MANIFEST_NAME}: nfe_condition needs emb_dim, hidden and weights") from None
     if not file.exists():
         raise UserError(f"{path}: the manifest names {spec['weights']} (the NFE embedding), which is missing")
     try:
         embedding.load_state_dict(load_file(str(file)))
-    except RuntimeError as e:
+    except (RuntimeError, OSError, SafetensorError) as e:
         raise UserError(f"{file} does not match the manifest's NFE embedding ({str(e).splitlines()[0]})") from None
     return NFEConditioned(backbone, embedding)
 

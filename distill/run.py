@@ -119,26 +119,49 @@ def resolve(args) -> tuple[Preset, DMD2Config | SFDConfig, Path | None]:
         if preset.method == "dmd2":
             raise UserError("a DMD2 student's steps come from its preset (digits-1step: 1, digits-4step: 4) or "
                             "--set student_timesteps=[999,749,499,249]; --nfe is for --method sfd")
-        if preset.config.nfes:
-            raise UserError(f"preset {args.preset} trains one student for NFE {', '.join(map(str, preset.config.nfes))}"
-                            "; leave out --nfe (or --set nfes=[2,4] for another set)")
         if args.nfe not in (1, *SFD_NFES):
             raise UserError(f"--nfe {args.nfe}: SFD trains students for NFE {', '.join(map(str, SFD_NFES))}, and 1 "
                             "through its second stage (--nfe 1 --source SFD_STUDENT)")
-        if args.nfe == 1 and args.source is None:
-            raise UserError("--nfe 1 is SFD's second stage: give the SFD or SFD-v student to distil into one step "
-                            "with --source DIR (e.g. runs/digits-sfd-v/student)")
         overrides["nfe"] = args.nfe
     if args.source is not None:
-        if preset.method != "sfd" or args.nfe != 1:
+        if preset.method != "sfd":
             raise UserError("--source is for SFD's second stage: --method sfd --nfe 1 --source DIR")
         overrides["source"] = str(args.source)
     cfg = dataclasses.replace(preset.config, **overrides)
+    if preset.method == "sfd":
+        check_sfd_choice(args, cfg)
     if preset.teacher == "required" and args.teacher is None:
         raise UserError(f"preset {args.preset} needs --teacher PATH (a local diffusers folder)")
     if preset.data == "folder" and args.data is None and cfg.use_gan:
         raise UserError(f"preset {args.preset} needs --data DIR (real images for the GAN loss)")
     return preset, cfg, args.teacher
+
+
+def source_teacher(source: str) -> Path | None:
+    """The teacher folder an SFD student bundle was distilled from (its manifest's), if it still exists."""
+    from .bundle import MANIFEST_NAME
+
+    manifest = Path(source) / MANIFEST_NAME
+    if not manifest.exists():
+        raise UserError(f"--source {source} is not a student bundle (no {MANIFEST_NAME}); give the student/ folder "
+                        "of an SFD or SFD-v run")
+    teacher = json.loads(manifest.read_text()).get("teacher")
+    return Path(teacher) if teacher and Path(teacher).is_dir() else None
+
+
+def check_sfd_choice(args, cfg: SFDConfig) -> None:
+    """The resolved SFD settings must say one thing: plain SFD at nfe, SFD-v over nfes, or the 1-NFE stage."""
+    if not isinstance(cfg.nfes, (list, tuple)) or not all(isinstance(k, int) for k in cfg.nfes):
+        raise UserError(f"nfes must be a list of NFEs, e.g. --set nfes=[2,3,4,5]; got {cfg.nfes!r}")
+    if cfg.nfes and args.nfe is not None:
+        raise UserError(f"this run trains SFD-v for NFE {', '.join(map(str, cfg.nfes))}; leave out --nfe "
+                        "(or --set nfes=[...] for another set)")
+    one_step = cfg.nfe == 1 and not cfg.nfes
+    if one_step and cfg.source is None:
+        raise UserError("--nfe 1 is SFD's second stage: give the SFD or SFD-v student to distil into one step "
+                        "with --source DIR (e.g. runs/digits-sfd-v/student)")
+    if cfg.source is not None and not one_step:
+        raise UserError("--source is for SFD's second stage only: --method sfd --nfe 1 --source DIR")
 
 
 def load_real_data(preset: Preset, teacher, data_dir: Path | None):
@@ -329,6 +352,8 @@ def run(args) -> Path:
 
     started = time.perf_counter()
     preset, cfg, teacher_dir = resolve(args)
+    if preset.method == "sfd" and cfg.nfe == 1 and not cfg.nfes and teacher_dir is None:
+        teacher_dir = source_teacher(cfg.source)  # pictures and metrics against the source's own teacher
     teacher_dir = teacher_dir or TEACHER_DIR
     suffix = f"-nfe{cfg.nfe}" if preset.method == "sfd" and not cfg.nfes else ""
     out = args.out or Path("runs") / (args.preset + suffix)

@@ -121,10 +121,10 @@ def check_setup(cfg: SFDConfig, teacher) -> None:
         raise UserError("SFD here distils diffusers UNet teachers with a DDPM-family (VP) schedule; "
                         f"{teacher.describe()} is not one")
     if cfg.nfe == 1 and not cfg.nfes:
-        if cfg.source is None:
-            raise UserError("--nfe 1 is SFD's second stage: it distils an SFD or SFD-v student (sampled at NFE "
-                            f"{cfg.source_nfe}) into one step; give that student with --source DIR")
-        return
+        raise UserError("--nfe 1 is SFD's second stage: it distils an SFD or SFD-v student (sampled at NFE "
+                        f"{cfg.source_nfe}) into one step; give that student with --source DIR (train_sfd_one_step)")
+    if not isinstance(cfg.nfes, (list, tuple)):
+        raise UserError(f"nfes must be a list of NFEs, e.g. [2, 3, 4, 5]; got {cfg.nfes!r}")
     for nfe in cfg.nfes or (cfg.nfe,):
         if nfe not in SFD_NFES:
             raise UserError(f"SFD trains students for NFE {', '.join(map(str, SFD_NFES))} (and 1 through the "
@@ -256,6 +256,10 @@ def train_sfd_one_step(cfg: SFDConfig, out_dir: str | Path, progress: bool = Tru
     from .bundle import load_bundle
 
     out_dir = Path(out_dir)
+    if cfg.source is None:
+        raise UserError("the one-step stage needs the SFD or SFD-v student to distil: --source DIR")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise UserError("steps and batch_size must be positive")
     source = load_bundle(cfg.source)
     if source.manifest["method"] not in ("sfd", "sfd-v"):
         raise UserError(f"{cfg.source} is a {source.manifest['method']} student; SFD's one-step stage starts from an "

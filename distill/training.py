@@ -95,6 +95,13 @@ def deferred_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
+def any_process(flag: bool, accelerator) -> bool:
+    """True when the flag is set on any process (all must stop at the same step, or DDP hangs)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum") > 0)
+
+
 def run_loop(*, out_dir: Path, config: dict, steps: int, checkpoint_every: int, log_every: int, accelerator,
              train_step: Callable[[int], dict], get_state: Callable[[], dict], set_state: Callable[[dict], None],
              progress: bool = True, desc: str = "train",
@@ -146,7 +153,7 @@ def run_loop(*, out_dir: Path, config: dict, steps: int, checkpoint_every: int, 
     last_saved = step if state_path.exists() else None
     try:
         with deferred_interrupt() as interrupted:
-            while step < steps and not interrupted():
+            while step < steps and not any_process(interrupted(), accelerator):
                 t0 = time.perf_counter()
                 logs = {"step": step} | train_step(step)
                 step += 1

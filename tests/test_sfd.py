@@ -146,17 +146,23 @@ def test_sigma_range_outside_the_teacher_is_a_clear_error(teacher_dir, tmp_path)
         train_sfd(tiny_config(sigma_min=1e-5), teacher, tmp_path, progress=False)
 
 
-@pytest.mark.parametrize("case", ["nfe_7", "nfe_for_dmd2", "method_mismatch", "bad_set"])
+@pytest.mark.parametrize("case", ["nfe_7", "nfe_for_dmd2", "method_mismatch", "bad_set", "nfes_not_list",
+                                  "source_without_nfe_1", "nfe_with_sfd_v"])
 def test_run_cli_bad_input_is_one_clear_line(case, teacher_dir, tmp_path, capsys):
     argv = {"nfe_7": ["--method", "sfd", "--nfe", "7"],
             "nfe_for_dmd2": ["--nfe", "4"],
             "method_mismatch": ["--method", "sfd", "--preset", "digits-1step"],
-            "bad_set": ["--method", "sfd", "--set", "gan_g_weight=0.1"]}[case]
+            "bad_set": ["--method", "sfd", "--set", "gan_g_weight=0.1"],
+            "nfes_not_list": ["--method", "sfd", "--set", "nfes=4"],
+            "source_without_nfe_1": ["--method", "sfd", "--nfe", "4", "--set", "source=somewhere"],
+            "nfe_with_sfd_v": ["--preset", "digits-sfd-v", "--nfe", "3"]}[case]
     code, out, err = run_main(run_cli.main, argv + ["--out", str(tmp_path / "o"), "--teacher", str(teacher_dir)],
                               capsys)
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     expected = {"nfe_7": "NFE 2, 3, 4, 5", "nfe_for_dmd2": "--nfe is for --method sfd",
-                "method_mismatch": "sfd presets: digits-sfd, digits-sfd-v, pixel-sfd", "bad_set": "gan_g_weight"}[case]
+                "method_mismatch": "sfd presets: digits-sfd, digits-sfd-v, pixel-sfd", "bad_set": "gan_g_weight",
+                "nfes_not_list": "nfes must be a list", "source_without_nfe_1": "second stage only",
+                "nfe_with_sfd_v": "leave out --nfe"}[case]
     assert expected in err
 
 
