@@ -51,6 +51,36 @@ def teacher_rows(nfes, n: int, device: str) -> list[dict]:
     return rows
 
 
+def trajectory_rows(nfes, teacher_steps=(2, 4), n: int = 500, device: str = "cpu") -> list[dict]:
+    """How good SFD's teacher targets are: the teacher's DPM-Solver++(3M) over SFD's refined grid (the end of
+    the trajectory the student learns), scored like a sampler."""
+    import torch
+
+    from .adapters import load_teacher
+    from .data import to_uint8
+    from .denoiser import guided
+    from .digits import TEACHER_DIR
+    from .metrics import digits_metric
+    from .sample import noise_for
+    from .samplers import dpmpp_states
+    from .sfd import teacher_sigmas
+
+    teacher = load_teacher(TEACHER_DIR).to(device)
+    labels = torch.arange(n) % teacher.num_classes
+    metric, rows = digits_metric(), []
+    for nfe in nfes:
+        for k in teacher_steps:
+            fine = teacher_sigmas(nfe, True, k, 0.006, 80.0).to(device)
+            x = noise_for(1, 0, n, teacher.x_shape, device) * 80.0
+            D = guided(teacher.denoiser, teacher.guidance_scale, teacher.uncond(n))
+            with torch.no_grad():
+                *_, last = dpmpp_states(D, x, fine, teacher.cond(labels=labels.to(device)), order=3)
+            rows.append({"nfe": nfe, "teacher_steps": k, "solver_steps": len(fine) - 1, "n": n,
+                         **metric(to_uint8(last.cpu()).numpy(), labels.numpy())})
+            print(f"NFE {nfe}, {k} teacher steps per interval: FD {rows[-1]['fd']:.3f}")
+    return rows
+
+
 def write_report(rows: list[dict], teacher: list[dict], reference: dict | None, dmd2: dict | None, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sfd_digits.json").write_text(json.dumps({"students": rows, "teacher": teacher, "reference": reference,
@@ -115,8 +145,15 @@ def main(argv=None):
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--rerun", action="store_true")
+    p.add_argument("--trajectories", action="store_true",
+                   help="only score the teacher's 3M trajectories on SFD's grids -> OUT/sfd_teacher_trajectories.json")
     args = p.parse_args(argv)
     args.teacher = None
+    if args.trajectories:
+        rows = trajectory_rows(NFES)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sfd_teacher_trajectories.json").write_text(json.dumps(rows, indent=2))
+        return
     try:
         args.nfes = tuple(int(k) for k in args.nfes.split(","))
     except ValueError:
