@@ -253,3 +253,35 @@ def test_one_step_cli_needs_a_source(teacher_dir, tmp_path, capsys):
     code, out, err = run_main(run_cli.main, ["--method", "sfd", "--nfe", "1", "--teacher", str(teacher_dir),
                                              "--preset", "pixel-sfd", "--out", str(tmp_path)], capsys)
     assert code == 2 and "--source DIR" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(teacher_dir, tmp_path):
+    """Two CPU processes (torchrun, gloo DDP) with batch 2 each train the same SFD student as one process with
+    batch 4: the noise, labels and NFE come from one stream and each process keeps its slice."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from .test_dmd2 import REPO
+
+    common = ["--preset", "pixel-sfd", "--teacher", str(teacher_dir), "--nfe", "2", "--steps", "3",
+              "--set", "lr=1e-3", "--eval-samples", "0", "--no-progress", "--cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+              "-m", "distill.run"]
+    two = subprocess.run(launch + common + ["--out", str(tmp_path / "two"), "--batch-size", "2"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "distill.run"] + common + ["--out", str(tmp_path / "one"),
+                                                                          "--batch-size", "4"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "student" / MANIFEST_NAME).read_text())["training"]["processes"] == 2
+    w1, w2 = unet_weights(tmp_path / "one" / "student"), unet_weights(tmp_path / "two" / "student")
+    start = load_file(teacher_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    moved = sum((w1[k] - start[k]).abs().sum().item() for k in w1)
+    diff = sum((w1[k] - w2[k]).abs().sum().item() for k in w1)
+    assert moved > 0 and diff < 1e-3 * moved, (moved, diff)  # summed, as in the DMD2 test (Adam's +-lr steps)
