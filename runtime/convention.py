@@ -1,0 +1,22 @@
+"""The denoiser convention in numpy, for engines (no torch): what the runtime computes around the graph.
+
+An exported student graph takes x_vp = x / sqrt(1 + sigma^2) preconditioning inside and returns the UNet's raw
+prediction; x0 is computed here, in float64, from the engine manifest's `prediction_type` (DESIGN.md §2). Doing
+the last step outside the graph keeps the graph well conditioned: at the top sigma (~150), x0 = x - sigma * eps
+multiplies any error in eps by sigma, which is a property of the formula, not of the engine.
+"""
+
+import numpy as np
+
+
+def x0_from_output(out: np.ndarray, x: np.ndarray, sigma: np.ndarray, prediction_type: str) -> np.ndarray:
+    """x0 from a VP model's raw output at x_vp = x / sqrt(1 + sigma^2), x in VE form; sigma (N,)."""
+    s = np.asarray(sigma, dtype=np.float64).reshape(-1, *([1] * (x.ndim - 1)))
+    out, x = out.astype(np.float64), x.astype(np.float64)
+    if prediction_type == "epsilon":
+        return x - s * out
+    if prediction_type == "v_prediction":
+        return x / (1 + s**2) - s / np.sqrt(1 + s**2) * out
+    if prediction_type == "sample":
+        return out
+    raise ValueError(f"unknown prediction type {prediction_type!r}")

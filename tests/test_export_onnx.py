@@ -1,0 +1,123 @@
+"""ONNX export of student bundles: parity with PyTorch (part of the export), the engine manifest being enough to
+sample, a dynamic batch axis, and clear errors that leave nothing half-written. Tiny models only."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
+
+from distill.adapters import load_teacher  # noqa: E402
+from distill.bundle import load_bundle  # noqa: E402
+from distill.dmd2 import DMD2Config, train_dmd2  # noqa: E402
+from distill.errors import UserError  # noqa: E402
+from distill.sfd import SFDConfig, train_sfd  # noqa: E402
+from export import onnx as export_onnx  # noqa: E402
+from runtime.convention import x0_from_output  # noqa: E402
+
+from .conftest import make_tiny_pixel_dir  # noqa: E402
+from .test_dmd2 import run_main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    teacher_dir = make_tiny_pixel_dir(root / "teacher", num_classes=3)
+    dmd2 = train_dmd2(DMD2Config(steps=1, batch_size=2, student_timesteps=(999, 499), use_gan=False, warmup=0,
+                                 lr_generator=1e-3, lr_fake=1e-3), load_teacher(teacher_dir), None, root / "dmd2",
+                      progress=False)
+    sfdv = train_sfd(SFDConfig(nfes=(2, 3), steps=2, batch_size=2, lr=1e-3), load_teacher(teacher_dir), root / "sfdv",
+                     progress=False)
+    return {"dmd2": dmd2, "sfd-v": sfdv}
+
+
+def ort_sample(engine_dir: Path, noise: np.ndarray, labels: np.ndarray, fresh: np.ndarray | None) -> np.ndarray:
+    """The few-step loop from the engine folder alone (what the runtime does): manifest + ONNX Runtime."""
+    import onnxruntime as ort
+
+    manifest = json.loads((engine_dir / export_onnx.ENGINE_MANIFEST).read_text())
+    session = ort.InferenceSession(str(engine_dir / manifest["files"]["fp32"]["path"]))
+    sched, names = manifest["schedule"], [i["name"] for i in manifest["inputs"]]
+    sigmas, timesteps, n = sched["sigmas"], sched["timesteps"], len(noise)
+
+    def D(x, i):
+        feed = {"x": x.astype(np.float32), "sigma": np.full(n, sigmas[i], np.float32),
+                "timestep": np.full(n, timesteps[i], np.float32)}
+        if "class_labels" in names:
+            feed["class_labels"] = labels.astype(np.int64)
+        if "nfe" in names:
+            feed["nfe"] = np.full(n, sched["nfe"], np.int64)
+        out = session.run(["prediction"], feed)[0]
+        return x0_from_output(out, x, feed["sigma"], manifest["prediction_type"])
+
+    x = noise * sigmas[0]
+    if sched["renoise"] == "none":  # SFD: Euler down the sigmas, AFS first
+        for i in range(len(sigmas) - 1):
+            d = x / np.sqrt(1 + sigmas[i] ** 2) if (i == 0 and sched["afs"]) else (x - D(x, i)) / sigmas[i]
+            x = x + (sigmas[i + 1] - sigmas[i]) * d
+        return x
+    for i in range(len(sigmas)):  # DMD2: x0, then fresh noise to the next sigma
+        x0 = D(x, i)
+        if i + 1 < len(sigmas):
+            x = x0 + sigmas[i + 1] * fresh[i]
+    return x0
+
+
+@pytest.mark.parametrize("kind,nfe", [("dmd2", 2), ("dmd2", 1), ("sfd-v", 3)])
+def test_export_parity_and_sampling_from_the_engine_folder(bundles, tmp_path, kind, nfe):
+    out = export_onnx.export_onnx(bundles[kind], tmp_path / "engine", nfe=nfe)
+    manifest = json.loads((out / export_onnx.ENGINE_MANIFEST).read_text())
+    entry = manifest["files"]["fp32"]
+    assert entry["max_abs_err"] <= 1e-4 and entry["calls_checked"] == nfe
+    assert ("nfe" in [i["name"] for i in manifest["inputs"]]) == (kind == "sfd-v")
+    assert not (tmp_path / "engine.tmp").exists()
+
+    bundle = load_bundle(bundles[kind])
+    for batch in (1, 5):  # the batch axis is dynamic
+        g = torch.Generator().manual_seed(batch)
+        noise = torch.randn((batch, *bundle.x_shape), generator=g)
+        labels = torch.arange(batch) % 3
+        fresh = torch.randn((nfe, batch, *bundle.x_shape), generator=g)
+        want = bundle.generate(noise, bundle.cond(labels), nfe, fresh_noise=fresh).numpy()
+        got = ort_sample(out, noise.numpy(), labels.numpy(), fresh.numpy())
+        # images in [-1, 1]: 1e-3 is a fifth of one uint8 level (x0 at sigma ~150 scales graph rounding by sigma)
+        assert np.abs(got - want).max() < 1e-3, np.abs(got - want).max()
+
+
+def test_bad_input_is_one_clear_line_and_writes_nothing(bundles, tmp_path, capsys):
+    cases = {
+        "no_manifest": (["--bundle", str(tmp_path)], "no fewstep_student.json"),
+        "nfe": (["--bundle", str(bundles["sfd-v"]), "--nfe", "4"], "serves NFE 2, 3"),
+        "precision": (["--bundle", str(bundles["dmd2"]), "--precision", "fp8"], "not exported yet"),
+    }
+    for name, (argv, expected) in cases.items():
+        code, out, err = run_main(export_onnx.main, argv + ["--out", str(tmp_path / name)], capsys)
+        assert code == 2 and err.startswith("error: ") and expected in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / name).exists() and not (tmp_path / f"{name}.tmp").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, out, err = run_main(export_onnx.main, ["--bundle", str(bundles["dmd2"]), "--out", str(blocker / "engine")],
+                              capsys)
+    assert code == 2 and "cannot write the engine folder" in err
+
+
+def test_parity_failure_stops_the_export(bundles, tmp_path, monkeypatch):
+    monkeypatch.setitem(export_onnx.TOLERANCE, "fp32", 0.0)  # no file can meet a zero tolerance
+    with pytest.raises(UserError, match="differs from PyTorch"):
+        export_onnx.export_onnx(bundles["dmd2"], tmp_path / "engine")
+    assert not (tmp_path / "engine").exists() and not (tmp_path / "engine.tmp").exists()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_runtime_x0_matches_the_denoiser_convention(prediction_type):
+    from distill.denoiser import vp_output_to_x0
+
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64) * 5, torch.randn(3, 1, 4, 4, generator=g)
+    sigma = torch.tensor([0.01, 1.0, 150.0], dtype=torch.float64)
+    want = vp_output_to_x0(out.double(), x, sigma.reshape(-1, 1, 1, 1), prediction_type).numpy()
+    got = x0_from_output(out.numpy(), x.numpy(), sigma.numpy(), prediction_type)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
