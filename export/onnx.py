@@ -10,7 +10,9 @@ loop, from the engine manifest's schedule (sigmas, matching timesteps, AFS, re-n
 Every file written is run with ONNX Runtime (CPU here) on the inputs the student's own loop feeds it, and
 export fails when the error against PyTorch exceeds the stated tolerance; the errors go in the manifest.
 The engine folder is written to a temporary folder and renamed at the end, so a failed export leaves nothing
-that looks complete. This version exports fp32 pixel-space students; fp16, int8 and TensorRT build on it.
+that looks complete. Precisions: fp32; fp16 (weights and compute, fp32 I/O, the timestep embedding and
+normalisations kept in fp32); int8 (explicit Q/DQ, symmetric, per-channel weights, calibrated on the student's own
+loop inputs). This version exports pixel-space students; TensorRT builds on these files.
 """
 
 import argparse
@@ -29,7 +31,17 @@ from distill.errors import UserError, cli_main
 
 ENGINE_MANIFEST = "fewstep_engine.json"
 ENGINE_FORMAT_VERSION = 1
-TOLERANCE = {"fp32": 1e-4}  # max |ONNX - PyTorch| on the graph's output (the UNet's prediction)
+# max |ONNX - PyTorch| on the graph's output (the UNet's prediction, unit scale); export fails above it
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+# int8 is judged by the FD gate (quality_gate); its parity bound is on the RMS error relative to the output's RMS
+# and only catches a broken graph (quantizing the timestep embedding gave errors larger than the output itself)
+INT8_MAX_REL_RMS = 0.3
+PRECISIONS = ("fp32", "fp16", "int8")
+# Kept in fp32 in the fp16 graph: the timestep embedding (t up to ~1000 times a frequency, then sin/cos: fp16's
+# 11-bit mantissa would put the phase off by up to half a radian) and the normalisations' reductions.
+FP16_KEEP_OPS = ["Sin", "Cos", "Exp", "Pow", "Sqrt", "ReduceMean", "InstanceNormalization", "GroupNormalization"]
+FP16_KEEP_NODES = ("time_proj", "time_embedding", "class_embedding", "embedding")
+CALIBRATION_BATCHES = 8  # int8: calibration batches of the student's own loop inputs (all classes cycling)
 OPSET = 17
 
 
@@ -102,13 +114,76 @@ def export_fp32(model: GraphStudent, feed: dict, path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
+def to_fp16(src: Path, dst: Path) -> None:
+    """fp16 weights and compute, fp32 inputs/outputs, with FP16_KEEP_* left in fp32 (ONNX Runtime's converter)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    keep = [n.name for n in model.graph.node if any(k in n.name for k in FP16_KEEP_NODES)]
+    fp16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_OPS, node_block_list=keep)
+    sort_nodes(fp16.graph)  # the converter appends its input casts at the end; the checker wants graph order
+    onnx.save(fp16, str(dst))
+    onnx.checker.check_model(str(dst))
+
+
+def sort_nodes(graph) -> None:
+    """Topologically sort a graph's nodes in place (stable: nodes keep their order where they can)."""
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise ValueError("the graph has a cycle or an undefined input")
+        for n in ready:
+            known.update(n.output)
+        ordered += ready
+        pending = [n for n in pending if n not in ready]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def to_int8(src: Path, dst: Path, calibration: list[dict]) -> None:
+    """Explicit Q/DQ int8 from post-training calibration on the student's own loop inputs, in the form TensorRT
+    accepts: symmetric (zero point 0) int8 activations and per-channel symmetric int8 weights."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(calibration)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    prepared = dst.with_suffix(".prep.onnx")
+    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+    import onnx
+
+    # Only the heavy ops get Q/DQ (what TensorRT runs in int8); the timestep / class / NFE embeddings stay float:
+    # their inputs span 0..1000, which one symmetric int8 scale cannot hold.
+    graph = onnx.load(str(prepared)).graph
+    exclude = [n.name for n in graph.node if any(k in n.name for k in FP16_KEEP_NODES)]
+    quantize_static(str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_exclude=exclude,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    prepared.unlink()
+
+
+def calibration_inputs(bundle, nfes: list[int], batch: int = 16) -> list[dict]:
+    """Every call the student's loop makes, for CALIBRATION_BATCHES seeds per served NFE (classes cycling)."""
+    return [feed for nfe in nfes for seed in range(CALIBRATION_BATCHES) for feed in loop_inputs(bundle, nfe, batch,
+                                                                                                 seed=100 + seed)]
+
+
 def parity(path: Path, model: GraphStudent, feeds: list[dict]) -> dict:
     """Max abs / rel error of ONNX Runtime (CPU) against PyTorch over every call of the student's loop (on the
     graph's output, the UNet's prediction)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    max_abs, max_rel = 0.0, 0.0
+    max_abs, max_rel, rel_rms = 0.0, 0.0, 0.0
     for feed in feeds:
         got = session.run(["prediction"], feed)[0]
         with torch.no_grad():
@@ -116,7 +191,17 @@ def parity(path: Path, model: GraphStudent, feeds: list[dict]) -> dict:
         err = np.abs(got - want)
         max_abs = max(max_abs, float(err.max()))
         max_rel = max(max_rel, float((err / np.maximum(np.abs(want), 1e-3)).max()))
-    return {"max_abs_err": max_abs, "max_rel_err": max_rel, "calls_checked": len(feeds)}
+        rel_rms = max(rel_rms, float(np.sqrt((err**2).mean() / max((want**2).mean(), 1e-12))))
+    return {"max_abs_err": max_abs, "max_rel_err": max_rel, "rel_rms_err": rel_rms, "calls_checked": len(feeds)}
+
+
+def within_tolerance(precision: str, errors: dict) -> tuple[bool, str]:
+    """(ok, what was checked) for a file's parity errors."""
+    if precision == "int8":
+        return errors["rel_rms_err"] <= INT8_MAX_REL_RMS, f"relative RMS error {errors['rel_rms_err']:.2e} " \
+                                                          f"(tolerance {INT8_MAX_REL_RMS})"
+    return errors["max_abs_err"] <= TOLERANCE[precision], f"max abs error {errors['max_abs_err']:.2e} " \
+                                                          f"(tolerance {TOLERANCE[precision]:.0e})"
 
 
 def engine_manifest(bundle, nfe: int, model: GraphStudent, files: dict) -> dict:
@@ -146,8 +231,39 @@ def engine_manifest(bundle, nfe: int, model: GraphStudent, files: dict) -> dict:
             "student": {"metrics": m.get("metrics", {}), "teacher": m.get("teacher")}}
 
 
+def is_digits_student(bundle) -> bool:
+    image, cond = bundle.manifest["image"], bundle.manifest["conditioning"]
+    return (image["channels"], image["height"], image["width"]) == (1, 16, 16) and cond.get("num_classes") == 10
+
+
+def quality_gate(bundle, engine_dir: Path, nfe: int, precisions: list[str], n: int = 1000) -> dict:
+    """Digits students: FD / class accuracy of the loop run through each exported file (runtime.engine) against
+    the PyTorch student on the same noise; {} for other students (no metric for them here)."""
+    if not is_digits_student(bundle):
+        return {}
+    from distill.data import to_uint8
+    from distill.metrics import digits_metric
+    from distill.sample import noise_for
+    from runtime.engine import EngineSampler
+
+    metric = digits_metric()
+    labels = torch.arange(n) % 10
+    draws = noise_for(1, 0, n, (nfe, *bundle.x_shape))  # (N, nfe, C, H, W): start noise, then re-noising draws
+    noise, fresh = draws[:, 0], draws[:, 1:].transpose(0, 1)
+    with torch.no_grad():
+        ref = metric(to_uint8(bundle.generate(noise, bundle.cond(labels), nfe, fresh_noise=fresh)).numpy(),
+                     labels.numpy())
+    out = {}
+    for precision in precisions:
+        images = EngineSampler(engine_dir, precision).sample(noise.numpy(), labels.numpy(), fresh.numpy())
+        got = metric(to_uint8(torch.from_numpy(images).float()).numpy(), labels.numpy())
+        out[precision] = {"n": n, "fd": got["fd"], "accuracy": got["accuracy"], "fd_pytorch_fp32": ref["fd"],
+                          "fd_change": got["fd"] / ref["fd"] - 1}
+    return out
+
+
 def export_onnx(bundle_dir: str | Path, out_dir: str | Path, nfe: int | None = None,
-                precisions: tuple[str, ...] = ("fp32",), check_batch: int = 4) -> Path:
+                precisions: tuple[str, ...] = ("fp32",), check_batch: int = 4, quality_samples: bool = True) -> Path:
     """Write out_dir/{student_fp32.onnx, fewstep_engine.json}; returns out_dir. Fails (UserError) on parity."""
     out_dir = Path(out_dir)
     bundle = load_bundle(bundle_dir)
@@ -158,9 +274,9 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path, nfe: int | None = N
     if str(nfe) not in bundle.manifest["nfe"]:
         raise UserError(f"--nfe {nfe}: this {bundle.manifest['method']} student serves NFE "
                         f"{', '.join(map(str, bundle.nfes))}")
-    unknown = [p for p in precisions if p not in TOLERANCE]
+    unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
-        raise UserError(f"precision {unknown[0]!r} is not exported yet; available: {', '.join(TOLERANCE)}")
+        raise UserError(f"precision {unknown[0]!r} is not exported yet; available: {', '.join(PRECISIONS)}")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -171,17 +287,30 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path, nfe: int | None = N
     model = GraphStudent(bundle).eval()
     feeds = loop_inputs(bundle, nfe, check_batch)
     files = {}
-    for precision in precisions:
+    fp32 = tmp / "student_fp32.onnx"
+    for precision in ("fp32", *[p for p in precisions if p != "fp32"]):
         path = tmp / f"student_{precision}.onnx"
         t0 = time.perf_counter()
-        export_fp32(model, feeds[0], path)
+        if precision == "fp32":
+            export_fp32(model, feeds[0], path)
+        elif precision == "fp16":
+            to_fp16(fp32, path)
+        else:
+            to_int8(fp32, path, calibration_inputs(bundle, [nfe]))
         errors = parity(path, model, feeds)
-        files[precision] = {"path": path.name, "precision": precision, **errors,
-                            "tolerance_abs": TOLERANCE[precision], "export_seconds": round(time.perf_counter() - t0, 1)}
-        if errors["max_abs_err"] > TOLERANCE[precision]:
+        ok, checked = within_tolerance(precision, errors)
+        files[precision] = {"path": path.name, "precision": precision, **errors, "parity": checked,
+                            "export_seconds": round(time.perf_counter() - t0, 1)}
+        if not ok:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"{precision} ONNX differs from PyTorch by {errors['max_abs_err']:.2e} "
-                            f"(tolerance {TOLERANCE[precision]:.0e}); nothing was written")
+            raise UserError(f"{precision} ONNX differs from PyTorch: {checked}; nothing was written")
+    (tmp / ENGINE_MANIFEST).write_text(json.dumps(engine_manifest(bundle, nfe, model, files), indent=2))
+    gate = quality_gate(bundle, tmp, nfe, list(files)) if quality_samples else {}
+    for precision, result in gate.items():
+        files[precision]["quality"] = result
+    if "fp32" not in precisions:  # it was the source of the others
+        fp32.unlink()
+        del files["fp32"]
     (tmp / ENGINE_MANIFEST).write_text(json.dumps(engine_manifest(bundle, nfe, model, files), indent=2))
     if out_dir.exists():  # replace a previous engine folder only once the new one is complete
         old = out_dir.with_name(out_dir.name + ".old")
@@ -200,7 +329,7 @@ def main(argv=None):
     p.add_argument("--bundle", type=Path, required=True, help="a student bundle folder (…/student)")
     p.add_argument("--out", type=Path, help="engine folder (default: BUNDLE/../engine)")
     p.add_argument("--nfe", type=int, help="the schedule the engine serves (default: the most the student serves)")
-    p.add_argument("--precision", default="fp32", help="comma-separated; this version exports fp32")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, fp16, int8 (fp32 is always built first)")
     args = p.parse_args(argv)
     out = args.out or args.bundle.parent / "engine"
     precisions = tuple(s.strip() for s in args.precision.split(",") if s.strip())
@@ -208,7 +337,12 @@ def main(argv=None):
     manifest = json.loads((out / ENGINE_MANIFEST).read_text())
     for f in manifest["files"].values():
         print(f"{out / f['path']}: max abs err {f['max_abs_err']:.2e}, max rel err {f['max_rel_err']:.2e} vs PyTorch "
-              f"over {f['calls_checked']} calls (tolerance {f['tolerance_abs']:.0e})")
+              f"over {f['calls_checked']} calls; checked: {f['parity']}")
+        if "quality" in f:
+            q = f["quality"]
+            print(f"  sampled through it ({q['n']} digits): FD {q['fd']:.4f} vs PyTorch fp32 "
+                  f"{q['fd_pytorch_fp32']:.4f} "
+                  f"({100 * q['fd_change']:+.1f}%), class accuracy {100 * q['accuracy']:.1f}%")
     print(f"engine manifest: {out / ENGINE_MANIFEST} (NFE {manifest['schedule']['nfe']})")
 
 

@@ -35,35 +35,10 @@ def bundles(tmp_path_factory):
 
 
 def ort_sample(engine_dir: Path, noise: np.ndarray, labels: np.ndarray, fresh: np.ndarray | None) -> np.ndarray:
-    """The few-step loop from the engine folder alone (what the runtime does): manifest + ONNX Runtime."""
-    import onnxruntime as ort
+    """The few-step loop from the engine folder alone (runtime.engine: manifest + ONNX Runtime, no torch)."""
+    from runtime.engine import EngineSampler
 
-    manifest = json.loads((engine_dir / export_onnx.ENGINE_MANIFEST).read_text())
-    session = ort.InferenceSession(str(engine_dir / manifest["files"]["fp32"]["path"]))
-    sched, names = manifest["schedule"], [i["name"] for i in manifest["inputs"]]
-    sigmas, timesteps, n = sched["sigmas"], sched["timesteps"], len(noise)
-
-    def D(x, i):
-        feed = {"x": x.astype(np.float32), "sigma": np.full(n, sigmas[i], np.float32),
-                "timestep": np.full(n, timesteps[i], np.float32)}
-        if "class_labels" in names:
-            feed["class_labels"] = labels.astype(np.int64)
-        if "nfe" in names:
-            feed["nfe"] = np.full(n, sched["nfe"], np.int64)
-        out = session.run(["prediction"], feed)[0]
-        return x0_from_output(out, x, feed["sigma"], manifest["prediction_type"])
-
-    x = noise * sigmas[0]
-    if sched["renoise"] == "none":  # SFD: Euler down the sigmas, AFS first
-        for i in range(len(sigmas) - 1):
-            d = x / np.sqrt(1 + sigmas[i] ** 2) if (i == 0 and sched["afs"]) else (x - D(x, i)) / sigmas[i]
-            x = x + (sigmas[i + 1] - sigmas[i]) * d
-        return x
-    for i in range(len(sigmas)):  # DMD2: x0, then fresh noise to the next sigma
-        x0 = D(x, i)
-        if i + 1 < len(sigmas):
-            x = x0 + sigmas[i + 1] * fresh[i]
-    return x0
+    return EngineSampler(engine_dir).sample(noise, labels, fresh)
 
 
 @pytest.mark.parametrize("kind,nfe", [("dmd2", 2), ("dmd2", 1), ("sfd-v", 3)])
@@ -121,3 +96,27 @@ def test_runtime_x0_matches_the_denoiser_convention(prediction_type):
     want = vp_output_to_x0(out.double(), x, sigma.reshape(-1, 1, 1, 1), prediction_type).numpy()
     got = x0_from_output(out.numpy(), x.numpy(), sigma.numpy(), prediction_type)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_int8_is_symmetric_per_channel_qdq(bundles, tmp_path):
+    """TensorRT's explicit quantization needs Q/DQ pairs with zero point 0 and per-channel weight scales."""
+    import onnx
+    from onnx import numpy_helper
+
+    # The structure, on the tiny random student (whose int8 accuracy means nothing: the digits students' FD gate
+    # is in the README); export_onnx itself would refuse it on parity, which the next test relies on.
+    out = export_onnx.export_onnx(bundles["dmd2"], tmp_path / "engine")
+    bundle = load_bundle(bundles["dmd2"])
+    export_onnx.to_int8(out / "student_fp32.onnx", tmp_path / "q.onnx", export_onnx.calibration_inputs(bundle, [2]))
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq, "no Q/DQ nodes"
+    zero_points = [inits[n.input[2]] for n in qdq if len(n.input) > 2 and n.input[2] in inits]
+    assert zero_points and all((z == 0).all() and z.dtype == np.int8 for z in zero_points)
+    scales = [inits[n.input[1]] for n in qdq if n.input[1] in inits]
+    assert any(s.ndim == 1 and s.size > 1 for s in scales)  # per-channel weights
+    import onnxruntime as ort
+
+    feed = export_onnx.loop_inputs(bundle, 2, 3)[0]
+    assert ort.InferenceSession(str(tmp_path / "q.onnx")).run(["prediction"], feed)[0].shape == feed["x"].shape
