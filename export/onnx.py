@@ -167,7 +167,8 @@ def to_int8(src: Path, dst: Path, calibration: list[dict]) -> None:
     quantize_static(str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_exclude=exclude,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                    # biases stay float: TensorRT fuses them itself and does not take int32-quantized biases
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
     prepared.unlink()
 
 
