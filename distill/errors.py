@@ -1,25 +1,6 @@
-"""User-facing errors: one clear line and a non-zero exit instead of a traceback."""
+"""User-facing errors: one clear line and a non-zero exit instead of a traceback (defined in runtime.errors, the
+torch-free leaf every stage shares)."""
 
-import functools
-import sys
+from runtime.errors import UserError, cli_main
 
-
-class UserError(Exception):
-    """Bad input from the user: the message says what is wrong and what to do."""
-
-
-def cli_main(fn):
-    """Wrap a CLI `main(argv)` so a UserError prints `error: ...` and exits with status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(argv=None):
-        try:
-            return fn(argv)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
-
-    return wrapper
+__all__ = ["UserError", "cli_main"]

@@ -207,8 +207,6 @@ def within_tolerance(precision: str, errors: dict) -> tuple[bool, str]:
 
 def engine_manifest(bundle, nfe: int, model: GraphStudent, files: dict) -> dict:
     m = bundle.manifest
-    entry = m["nfe"][str(nfe)]
-    sigmas = bundle.sigmas(nfe)
     inputs = [{"name": "x", "dtype": "float32", "shape": ["batch", *bundle.x_shape]},
               {"name": "sigma", "dtype": "float32", "shape": ["batch"]},
               {"name": "timestep", "dtype": "float32", "shape": ["batch"]}]
@@ -217,6 +215,13 @@ def engine_manifest(bundle, nfe: int, model: GraphStudent, files: dict) -> dict:
                        "range": [0, bundle.num_classes - 1]})
     if "nfe" in model.input_names:
         inputs.append({"name": "nfe", "dtype": "int64", "shape": ["batch"], "value": nfe})
+    def schedule(k: int) -> dict:
+        sig = bundle.sigmas(k)
+        return {"nfe": k, "sigmas": [float(s) for s in sig],
+                "timesteps": [float(t) for t in bundle.denoiser.schedule.sigma_to_t(sig)],
+                "afs": bool(m["nfe"][str(k)].get("afs", False)), "renoise": m["renoise"],
+                "first_input": "noise * sigmas[0]"}
+
     return {"format_version": ENGINE_FORMAT_VERSION, "method": m["method"], "family": m["family"],
             "graph": "prediction = UNet(x / sqrt(1 + sigma^2), timestep, ...): x in VE form (x = x0 + sigma * eps); "
                      "feed timestep = the schedule's timestep for each sigma; x0 from prediction_type "
@@ -224,12 +229,12 @@ def engine_manifest(bundle, nfe: int, model: GraphStudent, files: dict) -> dict:
             "prediction_type": m["prediction_type"],
             "inputs": inputs,
             "outputs": [{"name": "prediction", "dtype": "float32", "shape": ["batch", *bundle.x_shape]}],
-            "schedule": {"nfe": nfe, "sigmas": [float(s) for s in sigmas],
-                         "timesteps": [float(t) for t in bundle.denoiser.schedule.sigma_to_t(sigmas)],
-                         "afs": bool(entry.get("afs", False)), "renoise": m["renoise"],
-                         "first_input": "noise * sigmas[0]"},
+            # `schedule`: the NFE export checked (parity, quality gate) and the runtime's default; `schedules`: every
+            # NFE the network serves (an SFD-v network takes the step count as an input)
+            "schedule": schedule(nfe), "schedules": {str(k): schedule(k) for k in bundle.nfes},
             "conditioning": m["conditioning"], "image": m["image"], "files": files,
-            "student": {"metrics": m.get("metrics", {}), "teacher": m.get("teacher")}}
+            "student": {"bundle": str(Path(bundle.source).resolve()), "metrics": m.get("metrics", {}),
+                        "teacher": m.get("teacher")}}
 
 
 def is_digits_student(bundle) -> bool:

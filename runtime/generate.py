@@ -1,0 +1,82 @@
+"""Sample a few-step engine from the command line, with no torch:
+`python -m runtime.generate --engine DIR --nfe K --n N --labels cycle --seed S --out samples.npz`.
+
+Writes `images` (N, H, W, C) uint8 and `labels` (N,) int64 (-1 where unconditional), the layout of
+`python -m distill.sample`, plus a PNG grid next to it (`--png` to choose its path).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError, cli_main
+from .pipeline import BACKENDS, Pipeline
+
+
+def parse_labels(spec: str | None, n: int, num_classes: int | None) -> np.ndarray | None:
+    """`cycle` (0, 1, ..., K-1, 0, ...) or comma-separated class ids repeated to n; None for unconditional."""
+    if num_classes is None:
+        if spec not in (None, "cycle"):
+            raise UserError("this engine is unconditional; leave out --labels")
+        return None
+    if spec in (None, "cycle"):
+        return np.arange(n) % num_classes
+    try:
+        ids = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--labels must be 'cycle' or comma-separated class ids, got {spec!r}") from None
+    if not ids:
+        raise UserError("--labels is empty")
+    return np.resize(np.array(ids), n)
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int = 10) -> None:
+    """A PNG grid of (N, H, W, C) uint8 images (Pillow)."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    grid = np.zeros((rows * h, min(n, columns) * w, c), np.uint8)
+    for k, img in enumerate(images):
+        r, q = divmod(k, columns)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+    scale = max(1, 256 // max(h, w))  # small images are enlarged so the grid can be looked at
+    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).resize(
+        (grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+@cli_main
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m runtime.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", type=Path, required=True, help="an engine folder (python -m export.onnx --out)")
+    p.add_argument("--nfe", type=int, help="network calls per image (default: the most the engine serves)")
+    p.add_argument("--n", type=int, default=100, help="number of images")
+    p.add_argument("--labels", default=None, help="'cycle' (default) or comma-separated class ids")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("samples.npz"))
+    p.add_argument("--png", type=Path, help="grid picture (default: OUT with .png)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--precision", default="fp32", help="which exported file: fp32, fp16, int8")
+    p.add_argument("--batch-size", type=int, help="images per backend call (default: 16, or the engine's limit)")
+    args = p.parse_args(argv)
+    if args.n < 1:
+        raise UserError("--n must be at least 1")
+    pipe = Pipeline.load(args.engine, args.backend, args.precision)
+    print(pipe.describe())
+    labels = parse_labels(args.labels, args.n, pipe.num_classes)
+    out = pipe.generate(labels, n=args.n if labels is None else None, nfe=args.nfe, seed=args.seed,
+                        batch_size=args.batch_size)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out, images=out.images, labels=out.labels if out.labels is not None else np.full(args.n, -1))
+    png = args.png or args.out.with_suffix(".png")
+    save_grid(out.images, png)
+    t = out.timings
+    print(f"{args.n} images at NFE {out.nfe} in {t['total_ms']:.1f} ms ({1000 * args.n / t['total_ms']:.0f} images/s; "
+          f"backend {t['backend_ms']:.1f} ms) -> {args.out}, {png}")
+    print(json.dumps({"timings": t}))
+
+
+if __name__ == "__main__":
+    main()

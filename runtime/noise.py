@@ -1,0 +1,55 @@
+"""The runtime's documented noise generator: counter-based, so any host language can reproduce it bit for bit.
+
+Every Gaussian the runtime draws is a pure function of (seed, image index, draw, element index):
+
+    splitmix64(z):  z += 0x9E3779B97F4A7C15 (mod 2^64)
+                    z  = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+                    z  = (z ^ (z >> 27)) * 0x94D049BB133111EB
+                    return z ^ (z >> 31)
+    key(seed, image, draw) = splitmix64(splitmix64(seed) ^ (image * 256 + draw))
+    U(key, i)  = ((splitmix64(key + i) >> 11) + 0.5) / 2^53             uniform in (0, 1)
+    element 2j and 2j+1 of a draw (Box-Muller, float64, then rounded to float32):
+        r = sqrt(-2 ln U(key, 2j));  z[2j] = r cos(2 pi U(key, 2j+1));  z[2j+1] = r sin(2 pi U(key, 2j+1))
+
+Draw 0 of an image is its starting noise; draw k (k >= 1) is the fresh noise DMD2's loop adds before step k.
+`image` counts from 0 over a whole request, so results do not depend on how a request is split into batches.
+Elements are in C order of the image's (C, H, W) array.
+"""
+
+import numpy as np
+
+GOLDEN = 0x9E3779B97F4A7C15
+MAX_DRAWS = 256
+
+
+def splitmix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's output function on uint64 arrays (numpy wraps uint64 arithmetic modulo 2^64)."""
+    z = np.asarray(z, dtype=np.uint64) + np.uint64(GOLDEN)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def gaussian(seed: int, image: int, draw: int, shape: tuple[int, ...]) -> np.ndarray:
+    """One draw of unit Gaussian noise (float32, `shape`) for one image of a request."""
+    if not 0 <= draw < MAX_DRAWS:
+        raise ValueError(f"draw must lie in 0..{MAX_DRAWS - 1}")
+    with np.errstate(over="ignore"):
+        key = splitmix64(splitmix64(np.uint64(seed % 2**64)) ^ np.uint64(image * MAX_DRAWS + draw))
+        count = int(np.prod(shape))
+        pairs = (count + 1) // 2
+        bits = splitmix64(key + np.arange(2 * pairs, dtype=np.uint64))
+    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
+    r = np.sqrt(-2.0 * np.log(u[0::2]))
+    angle = 2.0 * np.pi * u[1::2]
+    z = np.stack([r * np.cos(angle), r * np.sin(angle)], axis=1).reshape(-1)[:count]
+    return z.astype(np.float32).reshape(shape)
+
+
+def request_noise(seed: int, start: int, count: int, draws: int, shape: tuple[int, ...]) -> np.ndarray:
+    """(count, draws, *shape) float32: every draw of images start..start+count-1 of a request."""
+    out = np.empty((count, draws, *shape), np.float32)
+    for j in range(count):
+        for d in range(draws):
+            out[j, d] = gaussian(seed, start + j, d, shape)
+    return out
