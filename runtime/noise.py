@@ -24,10 +24,11 @@ MAX_DRAWS = 256
 
 def splitmix64(z: np.ndarray) -> np.ndarray:
     """splitmix64's output function on uint64 arrays (numpy wraps uint64 arithmetic modulo 2^64)."""
-    z = np.asarray(z, dtype=np.uint64) + np.uint64(GOLDEN)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    with np.errstate(over="ignore"):
+        z = np.asarray(z, dtype=np.uint64) + np.uint64(GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
 
 def gaussian(seed: int, image: int, draw: int, shape: tuple[int, ...]) -> np.ndarray:

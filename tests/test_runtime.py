@@ -1,0 +1,165 @@
+"""The torch-free runtime: the loop over an engine folder against the PyTorch student, its documented noise,
+determinism across batching, backends and threads, the CLI, and bad input that leaves the pipeline serving."""
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
+
+from distill.adapters import load_teacher  # noqa: E402
+from distill.bundle import load_bundle  # noqa: E402
+from distill.data import to_uint8  # noqa: E402
+from distill.dmd2 import DMD2Config, train_dmd2  # noqa: E402
+from distill.sfd import SFDConfig, train_sfd  # noqa: E402
+from export.onnx import ENGINE_MANIFEST, export_onnx  # noqa: E402
+from runtime import Pipeline, UserError  # noqa: E402
+from runtime import generate as generate_cli  # noqa: E402
+from runtime.noise import gaussian, request_noise, splitmix64  # noqa: E402
+
+from .conftest import make_tiny_pixel_dir  # noqa: E402
+from .test_dmd2 import run_main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime")
+    teacher_dir = make_tiny_pixel_dir(root / "teacher", num_classes=3)
+    dmd2 = train_dmd2(DMD2Config(steps=1, batch_size=2, student_timesteps=(999, 499), use_gan=False, warmup=0,
+                                 lr_generator=1e-3, lr_fake=1e-3), load_teacher(teacher_dir), None, root / "dmd2",
+                      progress=False)
+    sfdv = train_sfd(SFDConfig(nfes=(2, 3), steps=2, batch_size=2, lr=1e-3), load_teacher(teacher_dir), root / "sfdv",
+                     progress=False)
+    return {"dmd2": (dmd2, export_onnx(dmd2, root / "dmd2_engine", nfe=2, quality_samples=False)),
+            "sfd-v": (sfdv, export_onnx(sfdv, root / "sfdv_engine", nfe=3, quality_samples=False))}
+
+
+def test_import_runtime_loads_no_torch():
+    code = "import sys, runtime, runtime.generate; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_noise_is_the_documented_generator():
+    # splitmix64 reference values (Vigna's splitmix64.c seeded with 0: the first outputs)
+    state = np.uint64(0)
+    first = [int(splitmix64(state + np.uint64(k * 0x9E3779B97F4A7C15 % 2**64))) for k in range(2)]
+    assert first == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]
+    # Box-Muller by hand for element 0 and 1 of (seed 7, image 2, draw 1)
+    key = int(splitmix64(splitmix64(np.uint64(7)) ^ np.uint64(2 * 256 + 1)))
+    u = [((int(splitmix64(np.uint64((key + i) % 2**64))) >> 11) + 0.5) / 2**53 for i in range(2)]
+    r = np.sqrt(-2 * np.log(u[0]))
+    z = gaussian(7, 2, 1, (3,))
+    np.testing.assert_allclose(z[:2], [r * np.cos(2 * np.pi * u[1]), r * np.sin(2 * np.pi * u[1])], rtol=1e-6)
+    big = request_noise(0, 0, 64, 2, (1, 16, 16))
+    assert abs(big.mean()) < 0.02 and abs(big.std() - 1) < 0.02
+    assert not np.allclose(big[:, 0], big[:, 1]) and not np.allclose(big[0], big[1])  # draws and images differ
+    np.testing.assert_array_equal(request_noise(0, 5, 3, 2, (1, 16, 16)), big[5:8])  # per image, not per request
+
+
+@pytest.mark.parametrize("kind,nfe", [("dmd2", 2), ("dmd2", 1), ("sfd-v", 3), ("sfd-v", 2)])
+def test_pipeline_runs_the_students_loop(engines, kind, nfe):
+    bundle_dir, engine = engines[kind]
+    pipe = Pipeline.load(engine, backend="onnxruntime-cpu")
+    labels = np.array([0, 2, 1, 1, 0])
+    noise = np.random.default_rng(nfe).standard_normal((5, pipe.draws(nfe), 1, 8, 8)).astype(np.float32)
+    out = pipe.generate(labels, nfe=nfe, noise=noise)
+    bundle = load_bundle(bundle_dir)
+    fresh = torch.from_numpy(noise[:, 1:]).transpose(0, 1) if kind == "dmd2" else None
+    want = to_uint8(bundle.generate(torch.from_numpy(noise[:, 0]), bundle.cond(torch.from_numpy(labels)), nfe,
+                                    fresh_noise=fresh)).numpy()
+    assert out.images.shape == (5, 8, 8, 1) and out.images.dtype == np.uint8
+    assert np.abs(out.images.astype(int) - want).max() <= 1  # a rounding boundary at most
+    t = out.timings
+    assert len(t["step_ms"]) == nfe and t["backend_ms"] <= t["total_ms"] and t["images"] == 5
+
+
+def test_same_seed_same_images_whatever_the_batching_and_threads(engines):
+    pipe = Pipeline.load(engines["dmd2"][1], backend="onnxruntime-cpu")
+    labels = np.arange(7) % 3
+    ref = pipe.generate(labels, seed=11).images
+    assert np.array_equal(ref, pipe.generate(labels, seed=11, batch_size=2).images)
+    assert not np.array_equal(ref, pipe.generate(labels, seed=12).images)
+    assert np.array_equal(ref[3:4], pipe.generate(labels, seed=11, batch_size=1).images[3:4])
+    results, errors = {}, []
+
+    def work(k):
+        try:
+            for _ in range(5):
+                results.setdefault(k, []).append(pipe.generate(labels, seed=11 + k % 2).images)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    other = pipe.generate(labels, seed=12).images
+    for k, images in results.items():
+        assert all(np.array_equal(im, ref if k % 2 == 0 else other) for im in images)
+
+
+def test_backends_agree(engines):
+    engine = engines["sfd-v"][1]
+    onnx = Pipeline.load(engine, backend="onnxruntime-cpu").generate([0, 1, 2], seed=3).images
+    torch_ref = Pipeline.load(engine, backend="pytorch")
+    assert torch_ref.backend.name == "pytorch-cpu"
+    assert np.abs(torch_ref.generate([0, 1, 2], seed=3).images.astype(int) - onnx).max() <= 1
+    auto = Pipeline.load(engine)  # no GPU and no TensorRT here: auto means ONNX Runtime on the CPU
+    assert "onnxruntime" in auto.describe()
+
+
+def test_bad_input_is_a_clear_error_and_the_pipeline_keeps_serving(engines, tmp_path):
+    engine = engines["dmd2"][1]
+    pipe = Pipeline.load(engine, backend="onnxruntime-cpu")
+    ref = pipe.generate([1, 2], seed=0).images
+    bad = {
+        "prompt": (lambda: pipe.generate(["a red car"]), "not prompts"),
+        "label": (lambda: pipe.generate([0, 3]), "must lie in 0..2"),
+        "nan": (lambda: pipe.generate([0], noise=np.full((1, 2, 1, 8, 8), np.nan, np.float32)), "NaN"),
+        "shape": (lambda: pipe.generate([0], noise=np.zeros((1, 1, 1, 8, 8), np.float32)), "shape"),
+        "nfe": (lambda: pipe.generate([0], nfe=4), "serves NFE 1, 2"),
+        "seed": (lambda: pipe.generate([0], seed=-1), "seed must be"),
+    }
+    for call, expected in bad.values():
+        with pytest.raises(UserError, match=expected):
+            call()
+    assert np.array_equal(pipe.generate([1, 2], seed=0).images, ref)
+
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    manifest = json.loads((engine / ENGINE_MANIFEST).read_text())
+    (newer / ENGINE_MANIFEST).write_text(json.dumps(manifest | {"format_version": 99}))
+    with pytest.raises(UserError, match="newer fewstep"):
+        Pipeline.load(newer)
+    limited = tmp_path / "limited"
+    limited.mkdir()
+    for f in engine.iterdir():
+        (limited / f.name).write_bytes(f.read_bytes())
+    (limited / ENGINE_MANIFEST).write_text(json.dumps(manifest | {"max_batch": 2}))
+    with pytest.raises(UserError, match="batch_size must lie in 1..2"):
+        Pipeline.load(limited).generate([0, 1, 2], batch_size=3)
+    with pytest.raises(UserError, match="no fp16 ONNX"):
+        Pipeline.load(engine, precision="fp16")
+
+
+def test_generate_cli_writes_the_sample_layout(engines, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    code, stdout, err = run_main(generate_cli.main, ["--engine", str(engines["dmd2"][1]), "--n", "6", "--labels",
+                                                     "2,0", "--seed", "4", "--out", str(out)], capsys)
+    assert code == 0, err
+    data = np.load(out)
+    assert data["images"].shape == (6, 8, 8, 1) and data["labels"].tolist() == [2, 0, 2, 0, 2, 0]
+    assert Path(tmp_path / "s.png").stat().st_size > 0
+    want = Pipeline.load(engines["dmd2"][1]).generate([2, 0, 2, 0, 2, 0], seed=4).images
+    assert np.array_equal(data["images"], want)
+    code, _, err = run_main(generate_cli.main, ["--engine", str(tmp_path / "none"), "--out", str(out)], capsys)
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
