@@ -29,7 +29,8 @@ class NFEEmbedding(nn.Module):
         nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, nfe: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal(nfe, self.hidden))
+        # the sinusoid in float32, the MLP in its own dtype (fp16 in an fp16 export)
+        return self.mlp(sinusoidal(nfe, self.hidden).to(self.mlp[0].weight.dtype))
 
     def spec(self) -> dict:
         """What the manifest records to rebuild it."""
