@@ -1,0 +1,196 @@
+"""Latency of an engine folder, per backend x precision x batch x NFE, next to the PyTorch student (eager and
+torch.compile) and the teacher's 50-step sampler: `python -m runtime.bench --engine DIR`.
+
+Each cell times `Pipeline.generate` (the whole request: noise, loop, uint8 images) after a warm-up, and reports
+p50 / p90 latency and images/s at p50. The runtime's overhead is measured on the first ONNX Runtime cell at batch
+1: `generate` against the bare backend call on the same inputs. Writes OUT.md, OUT.json and OUT.png.
+The PyTorch and teacher rows need torch (and the bundle / teacher on this machine); the runtime itself does not.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError, cli_main
+from .pipeline import Pipeline
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def time_calls(fn, seconds: float, min_calls: int = 5, warmup: int = 3) -> np.ndarray:
+    """Milliseconds of repeated fn() calls (after `warmup` untimed ones), for about `seconds` in all."""
+    for _ in range(warmup):
+        fn()
+    out, start = [], time.perf_counter()
+    while len(out) < min_calls or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        fn()
+        out.append(1000 * (time.perf_counter() - t0))
+    return np.array(out)
+
+
+def row(kind: str, backend: str, precision: str, batch: int, nfe: int, ms: np.ndarray, **extra) -> dict:
+    p50 = float(np.percentile(ms, 50))
+    return {"kind": kind, "backend": backend, "precision": precision, "batch": batch, "nfe": nfe,
+            "p50_ms": round(p50, 3), "p90_ms": round(float(np.percentile(ms, 90)), 3),
+            "images_per_s": round(1000 * batch / p50, 1), "calls": len(ms), **extra}
+
+
+def runtime_overhead(pipe: Pipeline, seconds: float) -> dict:
+    """generate() at NFE 1 (or the fewest served), batch 1, against the bare backend call on the same feed."""
+    nfe = pipe.nfes[0]
+    schedule = pipe.schedule(nfe)
+    feed = {"x": np.zeros((1, *pipe.x_shape), np.float32), "sigma": np.full(1, schedule["sigmas"][0], np.float32),
+            "timestep": np.full(1, schedule["timesteps"][0], np.float32)}
+    if "class_labels" in pipe.inputs:
+        feed["class_labels"] = np.zeros(1, np.int64)
+    if "nfe" in pipe.inputs:
+        feed["nfe"] = np.full(1, nfe, np.int64)
+    calls = nfe  # NFE counts network calls (SFD's analytical first step makes none)
+    labels = [0] if pipe.num_classes else None
+    bare = time_calls(lambda: pipe.backend.run(feed), seconds)
+    full = time_calls(lambda: pipe.generate(labels, n=None if labels else 1, nfe=nfe, seed=0), seconds)
+    b, f = float(np.median(bare)) * calls, float(np.median(full))
+    return {"nfe": nfe, "network_calls": calls, "bare_backend_ms": round(b, 4), "generate_ms": round(f, 4),
+            "overhead": round(f / b - 1, 4), "backend": pipe.backend.name, "precision": pipe.precision}
+
+
+def teacher_rows(teacher_dir: str, batches: list[int], seconds: float, steps: int = 50) -> list[dict]:
+    """The teacher's DPM-Solver++(2M) at `steps` network calls (guided as its baselines were), per batch."""
+    import torch
+
+    from distill.adapters import load_teacher
+    from distill.sample import sample_teacher
+
+    teacher = load_teacher(teacher_dir)
+    rows = []
+    for batch in batches:
+        labels = torch.arange(batch) % teacher.num_classes if teacher.num_classes else None
+        ms = time_calls(lambda b=batch, lab=labels: sample_teacher(teacher, "dpmpp-2m", steps, b, lab,
+                                                                   progress=False),
+                        seconds, min_calls=2, warmup=1)
+        rows.append(row("teacher", "pytorch-cpu", "fp32", batch, steps, ms, sampler="dpmpp-2m"))
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = [f"{r['backend']} {r['precision']}\nNFE {r['nfe']}" for r in rows if r["batch"] == rows[0]["batch"]]
+    batches = sorted({r["batch"] for r in rows})
+    width = 0.8 / len(batches)
+    for k, batch in enumerate(batches):
+        sel = [r for r in rows if r["batch"] == batch]
+        ax.bar(np.arange(len(sel)) + k * width, [r["images_per_s"] for r in sel], width, label=f"batch {batch}")
+    ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels, fontsize=7, rotation=30, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("images / s (p50)")
+    ax.legend()
+    ax.set_title("fewstep runtime: images per second")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Runtime latency: {result['engine']}", "",
+             f"Machine: {result['machine']}; threads: {result['threads']}. Command: `{result['command']}`", "",
+             "| kind | backend | precision | NFE | batch | p50 ms | p90 ms | images/s |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['kind']} | {r['backend']} | {r['precision']} | {r['nfe']} | {r['batch']} | "
+                     f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['images_per_s']:.0f} |")
+    o = result.get("overhead")
+    if o:
+        lines += ["", f"Runtime overhead ({o['backend']} {o['precision']}, NFE {o['nfe']}, batch 1): generate "
+                      f"{o['generate_ms']:.3f} ms vs the bare backend call {o['bare_backend_ms']:.3f} ms: "
+                      f"**{100 * o['overhead']:+.1f} %**."]
+    for k, v in result.get("ratios", {}).items():
+        lines.append(f"- {k}: **{v:.0f}×**")
+    return "\n".join(lines) + "\n"
+
+
+@cli_main
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", type=Path, required=True)
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--nfes", help="comma-separated NFEs (default: every NFE the engine serves)")
+    p.add_argument("--precisions", help="comma-separated (default: every ONNX file in the engine)")
+    p.add_argument("--backends", default="onnxruntime-cpu,pytorch,pytorch-compiled",
+                   help="runtime backends to time (pytorch* need the bundle and torch)")
+    p.add_argument("--teacher", default="auto", help="teacher folder for the 50-step row ('auto': the engine's "
+                                                     "teacher; 'none' to skip)")
+    p.add_argument("--seconds", type=float, default=2.0, help="timing budget per cell")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime / torch intra-op threads")
+    p.add_argument("--out", type=Path, default=Path("docs/runtime_bench"))
+    args = p.parse_args(argv)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise UserError(f"--batches must be comma-separated integers, got {args.batches!r}") from None
+    first = Pipeline.load(args.engine, "onnxruntime-cpu", threads=args.threads)
+    nfes = [int(k) for k in args.nfes.split(",")] if args.nfes else first.nfes
+    onnx = [k for k, v in first.manifest["files"].items() if v["path"].endswith(".onnx")]
+    precisions = args.precisions.split(",") if args.precisions else onnx
+    rows, overhead = [], None
+    for backend in args.backends.split(","):
+        if backend.startswith("pytorch"):
+            import torch
+
+            torch.set_num_threads(args.threads)
+        for precision in precisions if backend.startswith("onnxruntime") else ["fp32"]:
+            try:
+                pipe = Pipeline.load(args.engine, backend, precision, threads=args.threads)
+            except UserError as e:
+                print(f"skipped {backend} {precision}: {e}")
+                continue
+            if overhead is None and backend.startswith("onnxruntime"):
+                overhead = runtime_overhead(pipe, args.seconds)
+            for nfe in nfes:
+                for batch in batches:
+                    labels = list(np.arange(batch) % pipe.num_classes) if pipe.num_classes else None
+                    ms = time_calls(lambda pp=pipe, lab=labels, b=batch, k=nfe:
+                                    pp.generate(lab, n=None if lab else b, nfe=k, seed=0), args.seconds)
+                    rows.append(row("student", pipe.backend.name, pipe.precision, batch, nfe, ms))
+                    print(json.dumps(rows[-1]))
+    teacher = first.manifest.get("student", {}).get("teacher") if args.teacher == "auto" else args.teacher
+    if teacher and teacher != "none" and Path(teacher).exists():
+        rows += teacher_rows(teacher, batches, args.seconds)
+        print(json.dumps(rows[-1]))
+    ratios = {}
+    for batch in batches:
+        best = max((r for r in rows if r["kind"] == "student" and r["batch"] == batch),
+                   key=lambda r: r["images_per_s"], default=None)
+        t = next((r for r in rows if r["kind"] == "teacher" and r["batch"] == batch), None)
+        if best and t:
+            ratios[f"batch {batch}: best student ({best['backend']} {best['precision']}, NFE {best['nfe']}) vs "
+                   f"the teacher's 50 steps, images/s"] = best["images_per_s"] / t["images_per_s"]
+    result = {"engine": str(args.engine), "machine": f"{cpu_name()}, {os.cpu_count()} cores", "threads": args.threads,
+              "command": "python -m runtime.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+              "rows": rows, "overhead": overhead, "ratios": ratios}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(result))
+    plot(rows, args.out.with_suffix(".png"))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
