@@ -12,7 +12,8 @@ export fails when the error against PyTorch exceeds the stated tolerance; the er
 The engine folder is written to a temporary folder and renamed at the end, so a failed export leaves nothing
 that looks complete. Precisions: fp32; fp16 (weights and compute, fp32 I/O, the timestep embedding and
 normalisations kept in fp32); int8 (explicit Q/DQ, symmetric, per-channel weights, calibrated on the student's own
-loop inputs). This version exports pixel-space students; TensorRT builds on these files.
+loop inputs). Latent text-to-image students (SD 1.5 / SDXL layouts) also get their teacher's text encoder(s), VAE
+decoder and tokenizers (export/latent.py), in fp32 so far. TensorRT builds on these files.
 """
 
 import argparse
@@ -43,20 +44,29 @@ FP16_KEEP_OPS = ["Sin", "Cos", "Exp", "Pow", "Sqrt", "ReduceMean", "InstanceNorm
 FP16_KEEP_NODES = ("time_proj", "time_embedding", "class_embedding", "embedding")
 CALIBRATION_BATCHES = 8  # int8: calibration batches of the student's own loop inputs (all classes cycling)
 OPSET = 17
+# Weights past this many bytes go to an external data file next to the graph: a protobuf cannot exceed 2 GB, and
+# constant folding adds tensors to the weights (SD 1.5's UNet is 3.4 GB in fp32, SDXL's 10 GB).
+EXTERNAL_DATA_BYTES = 1.5 * 2**30
+
+
+def condition_names(manifest: dict) -> list[str]:
+    """The graph inputs after (x, sigma, timestep) that carry a student's conditioning, in order."""
+    cond = manifest["conditioning"]
+    names = {"class": ["class_labels"],
+             "text": ["encoder_hidden_states", *(["text_embeds", "time_ids"] if cond.get("sdxl") else [])]}
+    return names.get(cond["kind"], []) + (["nfe"] if "nfe_condition" in manifest else [])
 
 
 class GraphStudent(nn.Module):
     """The exported computation: the UNet's raw prediction at x / sqrt(1 + sigma^2), in float32 ops."""
 
+    output_names = ["prediction"]
+
     def __init__(self, bundle):
         super().__init__()
         self.net = bundle.denoiser.net
         self.prediction_type = bundle.denoiser.prediction_type
-        self.input_names = ["x", "sigma", "timestep"]
-        if bundle.num_classes is not None:
-            self.input_names.append("class_labels")
-        if "nfe_condition" in bundle.manifest:
-            self.input_names.append("nfe")
+        self.input_names = ["x", "sigma", "timestep", *condition_names(bundle.manifest)]
 
     def forward(self, x, sigma, timestep, *extra):
         cond = dict(zip(self.input_names[3:], extra))
@@ -64,14 +74,21 @@ class GraphStudent(nn.Module):
         return self.net(x / torch.sqrt(1 + s * s), timestep, **cond)
 
 
-def loop_inputs(bundle, nfe: int, batch: int, seed: int = 0) -> list[dict]:
+def loop_inputs(bundle, nfe: int, batch: int, seed: int = 0, cond: dict | None = None) -> list[dict]:
     """The inputs the student's own loop feeds its network at each call (numpy, named as the graph's)."""
+    return run_loop(bundle, nfe, batch, seed, cond)[0]
+
+
+def run_loop(bundle, nfe: int, batch: int, seed: int = 0, cond: dict | None = None) -> tuple[list[dict], torch.Tensor]:
+    """The student's own loop on seeded noise: (the graph's feed at each call, the final x0 (batch, C, H, W)).
+    `cond`: the condition tensors (text students: the encoded prompts); default: classes cycling, or none."""
     from distill.bundle import sample_dmd2, sample_sfd
 
     entry = bundle.manifest["nfe"][str(nfe)]
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((batch, *bundle.x_shape), generator=g)
-    cond = bundle.cond(torch.arange(batch) % bundle.num_classes if bundle.num_classes else None)
+    if cond is None:
+        cond = bundle.cond(torch.arange(batch) % bundle.num_classes if bundle.num_classes else None)
     if "nfe_condition" in bundle.manifest:
         cond = cond | {"nfe": torch.full((batch,), nfe, dtype=torch.long)}
     calls = []
@@ -83,35 +100,47 @@ def loop_inputs(bundle, nfe: int, batch: int, seed: int = 0) -> list[dict]:
     sigmas = bundle.sigmas(nfe)
     with torch.no_grad():
         if bundle.manifest["renoise"] == "none":
-            sample_sfd(recorder, noise * sigmas[0].item(), sigmas, cond, afs=entry.get("afs", False))
+            x0 = sample_sfd(recorder, noise * sigmas[0].item(), sigmas, cond, afs=entry.get("afs", False))
         else:
             fresh = torch.randn((nfe, batch, *bundle.x_shape), generator=g)
-            sample_dmd2(recorder, noise * sigmas[0].item(), sigmas, cond, fresh)
+            x0 = sample_dmd2(recorder, noise * sigmas[0].item(), sigmas, cond, fresh)
     schedule = bundle.denoiser.schedule
-    feeds = []
-    for x, sigma in calls:
-        feed = {"x": x.numpy().astype(np.float32), "sigma": sigma.float().numpy(),
-                "timestep": schedule.sigma_to_t(sigma.double()).float().numpy()}
-        if "class_labels" in cond:
-            feed["class_labels"] = cond["class_labels"].numpy().astype(np.int64)
-        if "nfe" in cond:
-            feed["nfe"] = cond["nfe"].numpy().astype(np.int64)
-        feeds.append(feed)
-    return feeds
+    # floats as float32, ids (class labels, the step count) as int64: the graph's input types
+    cond_feed = {k: v.numpy().astype(np.float32 if v.is_floating_point() else np.int64) for k, v in cond.items()}
+    feeds = [{"x": x.numpy().astype(np.float32), "sigma": sigma.float().numpy(),
+              "timestep": schedule.sigma_to_t(sigma.double()).float().numpy(), **cond_feed} for x, sigma in calls]
+    return feeds, x0
 
 
-def export_fp32(model: GraphStudent, feed: dict, path: Path) -> None:
+def needs_external_data(weight_bytes: float) -> bool:
+    """Whether a graph with this many bytes of weights must keep them outside the protobuf (2 GB limit)."""
+    return weight_bytes > EXTERNAL_DATA_BYTES
+
+
+def export_fp32(model: nn.Module, feed: dict, path: Path) -> None:
+    """Trace `model` (with `input_names` / `output_names`, batch first everywhere) on `feed` into `path`; weights
+    past EXTERNAL_DATA_BYTES go to one external file, `path.name + ".data"`, beside it."""
     import warnings
+
+    import onnx
 
     args = tuple(torch.from_numpy(feed[name]) for name in model.input_names)
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # diffusers' shape asserts, all static here
-    dynamic = {name: {0: "batch"} for name in [*model.input_names, "prediction"]}
-    # The TorchScript exporter: diffusers UNets trace cleanly through it, and it needs no onnxscript.
-    torch.onnx.export(model, args, str(path), input_names=model.input_names, output_names=["prediction"],
+    dynamic = {name: {0: "batch"} for name in [*model.input_names, *model.output_names]}
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    large = needs_external_data(weight_bytes)
+    # Past 2 GB the exporter writes one file per tensor: export into a scratch folder, then gather them into one.
+    target = path.parent / f"{path.stem}.export" / path.name if large else path
+    target.parent.mkdir(exist_ok=True)
+    # The TorchScript exporter: diffusers UNets and CLIP trace cleanly through it, it needs no onnxscript, and at
+    # opset 17 it decomposes scaled_dot_product_attention into MatMul / Softmax (it does from opset 14 on).
+    torch.onnx.export(model, args, str(target), input_names=model.input_names, output_names=model.output_names,
                       dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    import onnx
-
-    onnx.checker.check_model(str(path))
+    if large:
+        onnx.save_model(onnx.load(str(target)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+        shutil.rmtree(target.parent)
+    onnx.checker.check_model(str(path))  # the path form: the in-memory form refuses models past 2 GB
 
 
 def to_fp16(src: Path, dst: Path) -> None:
@@ -178,49 +207,116 @@ def calibration_inputs(bundle, nfes: list[int], batch: int = 16) -> list[dict]:
                                                                                                  seed=100 + seed)]
 
 
-def parity(path: Path, model: GraphStudent, feeds: list[dict]) -> dict:
-    """Max abs / rel error of ONNX Runtime (CPU) against PyTorch over every call of the student's loop (on the
-    graph's output, the UNet's prediction)."""
-    import onnxruntime as ort
+def module_outputs(model: nn.Module, feeds: list[dict]) -> list[list[np.ndarray]]:
+    """PyTorch's outputs of a graph module (`input_names`; one tensor or a tuple out) for each feed."""
+    outs = []
+    with torch.no_grad():
+        for feed in feeds:
+            out = model(*(torch.from_numpy(feed[n]) for n in model.input_names))
+            outs.append([o.numpy() for o in (out if isinstance(out, tuple) else (out,))])
+    return outs
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    max_abs, max_rel, rel_rms = 0.0, 0.0, 0.0
-    for feed in feeds:
-        got = session.run(["prediction"], feed)[0]
-        with torch.no_grad():
-            want = model(*(torch.from_numpy(feed[n]) for n in model.input_names)).numpy()
+
+def error_stats(pairs, calls: int) -> dict:
+    """Errors of (got, want) array pairs: max abs, max rel (1e-3 floor on |want|), RMS relative to want's RMS (the
+    worst pair), and `ref_max_abs`, the largest |want| (what a scaled tolerance is relative to)."""
+    max_abs, max_rel, rel_rms, scale = 0.0, 0.0, 0.0, 0.0
+    for got, want in pairs:
         err = np.abs(got - want)
         max_abs = max(max_abs, float(err.max()))
         max_rel = max(max_rel, float((err / np.maximum(np.abs(want), 1e-3)).max()))
         rel_rms = max(rel_rms, float(np.sqrt((err**2).mean() / max((want**2).mean(), 1e-12))))
-    return {"max_abs_err": max_abs, "max_rel_err": max_rel, "rel_rms_err": rel_rms, "calls_checked": len(feeds)}
+        scale = max(scale, float(np.abs(want).max()))
+    return {"max_abs_err": max_abs, "max_rel_err": max_rel, "rel_rms_err": rel_rms, "ref_max_abs": scale,
+            "calls_checked": calls}
 
 
-def within_tolerance(precision: str, errors: dict) -> tuple[bool, str]:
-    """(ok, what was checked) for a file's parity errors."""
+def parity(path: Path, feeds: list[dict], wants: list[list[np.ndarray]]) -> dict:
+    """ONNX Runtime (CPU) against PyTorch's outputs `wants` (one list per feed, in the graph's output order) over
+    every feed, e.g. every call of the student's loop (error_stats)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pairs = (pair for feed, want_all in zip(feeds, wants, strict=True)
+             for pair in zip(session.run(None, feed), want_all, strict=True))
+    return error_stats(pairs, len(feeds))
+
+
+def within_tolerance(precision: str, errors: dict, scaled: bool = False, base: float | None = None) -> tuple[bool, str]:
+    """(ok, what was checked) for a file's parity errors. `base`: a component's own max abs bound instead of
+    TOLERANCE's; `scaled`: the bound is relative to the reference's largest magnitude where that exceeds 1, for
+    outputs that are not unit-scale (text encoders' hidden states)."""
     if precision == "int8":
         return errors["rel_rms_err"] <= INT8_MAX_REL_RMS, f"relative RMS error {errors['rel_rms_err']:.2e} " \
                                                           f"(tolerance {INT8_MAX_REL_RMS})"
-    return errors["max_abs_err"] <= TOLERANCE[precision], f"max abs error {errors['max_abs_err']:.2e} " \
-                                                          f"(tolerance {TOLERANCE[precision]:.0e})"
+    base = TOLERANCE[precision] if base is None else base
+    bound = base * (max(1.0, errors["ref_max_abs"]) if scaled else 1.0)
+    how = f" = {base:.0e} x max |output| {errors['ref_max_abs']:.3g}" if bound > base else ""
+    return errors["max_abs_err"] <= bound, f"max abs error {errors['max_abs_err']:.2e} (tolerance {bound:.1e}{how})"
 
 
-def engine_manifest(bundle, nfe: int, model: GraphStudent, files: dict) -> dict:
+def checked_file(path: Path, feeds: list[dict], wants: list[list[np.ndarray]], precision: str, component: str,
+                 seconds: float, scaled: bool = False, base: float | None = None) -> dict:
+    """The manifest entry of one exported file after its parity check (within_tolerance); UserError when it
+    misses the tolerance."""
+    errors = parity(path, feeds, wants)
+    ok, checked = within_tolerance(precision, errors, scaled, base)
+    if not ok:
+        raise UserError(f"{precision} ONNX of the {component} differs from PyTorch: {checked}; nothing was written")
+    entry = {"path": path.name, "component": component, "precision": precision, **errors, "parity": checked,
+             "export_seconds": round(seconds, 1)}
+    if (path.parent / (path.name + ".data")).exists():
+        entry["external_data"] = path.name + ".data"
+    return entry
+
+
+def io_specs(names: list[str], feed: dict) -> list[dict]:
+    """Name, dtype and shape (batch first) of graph inputs or outputs, read off one feed."""
+    return [{"name": n, "dtype": str(feed[n].dtype), "shape": ["batch", *feed[n].shape[1:]]} for n in names]
+
+
+def step_coefficients(schedule: dict, prediction_type: str) -> list[dict]:
+    """Per step of a schedule, the scalars a host's loop needs (docs/engine_spec.md), so it need not derive them.
+    The runtime computes them itself (runtime/pipeline.py); tests/test_golden.py checks that both agree.
+
+    x0 = x0_from_x * x + x0_from_prediction * prediction, with sigma as fed to the graph (float32);
+    SFD ("renoise": "none"): x += euler_dt * (x - x0) / sigma, or with AFS on step 0 (no network call)
+    x += euler_dt * input_scale * x; DMD2 ("fresh_noise"): x = x0 + renoise_sigma * the next noise draw."""
+    sigmas, timesteps, renoise = schedule["sigmas"], schedule["timesteps"], schedule["renoise"]
+    steps = []
+    for i in range(len(sigmas) - 1 if renoise == "none" else len(sigmas)):
+        s = float(np.float32(sigmas[i]))  # the x0 closed forms use the sigma the graph was fed
+        x0_coefficients = {"epsilon": (1.0, -s), "v_prediction": (1 / (1 + s * s), -s / np.sqrt(1 + s * s)),
+                           "sample": (0.0, 1.0)}[prediction_type]
+        step = {"sigma": sigmas[i], "timestep": timesteps[i],
+                "network_call": not (renoise == "none" and schedule["afs"] and i == 0),
+                "input_scale": 1 / float(np.sqrt(1 + sigmas[i] ** 2)),
+                "x0_from_x": float(x0_coefficients[0]), "x0_from_prediction": float(x0_coefficients[1])}
+        if renoise == "none":
+            step["euler_dt"] = sigmas[i + 1] - sigmas[i]
+        else:
+            step["renoise_sigma"] = sigmas[i + 1] if i + 1 < len(sigmas) else 0.0
+        steps.append(step)
+    return steps
+
+
+def engine_manifest(bundle, nfe: int, model: GraphStudent, files: dict, feed: dict | None = None) -> dict:
+    """The engine manifest of the student's network; `feed`: one of its loop inputs (default: a pixel student's)."""
     m = bundle.manifest
-    inputs = [{"name": "x", "dtype": "float32", "shape": ["batch", *bundle.x_shape]},
-              {"name": "sigma", "dtype": "float32", "shape": ["batch"]},
-              {"name": "timestep", "dtype": "float32", "shape": ["batch"]}]
-    if "class_labels" in model.input_names:
-        inputs.append({"name": "class_labels", "dtype": "int64", "shape": ["batch"],
-                       "range": [0, bundle.num_classes - 1]})
-    if "nfe" in model.input_names:
-        inputs.append({"name": "nfe", "dtype": "int64", "shape": ["batch"], "value": nfe})
+    feed = loop_inputs(bundle, nfe, 1)[0] if feed is None else feed
+    inputs = io_specs(model.input_names, feed)
+    extra = {"class_labels": {"range": [0, (bundle.num_classes or 0) - 1]}, "nfe": {"value": nfe},
+             "time_ids": {"value": feed["time_ids"][0].tolist() if "time_ids" in feed else None}}
+    for spec in inputs:
+        spec.update(extra.get(spec["name"], {}))
+
     def schedule(k: int) -> dict:
         sig = bundle.sigmas(k)
-        return {"nfe": k, "sigmas": [float(s) for s in sig],
-                "timesteps": [float(t) for t in bundle.denoiser.schedule.sigma_to_t(sig)],
-                "afs": bool(m["nfe"][str(k)].get("afs", False)), "renoise": m["renoise"],
-                "first_input": "noise * sigmas[0]"}
+        entry = {"nfe": k, "sigmas": [float(s) for s in sig],
+                 "timesteps": [float(t) for t in bundle.denoiser.schedule.sigma_to_t(sig)],
+                 "afs": bool(m["nfe"][str(k)].get("afs", False)), "renoise": m["renoise"],
+                 "first_input": "noise * sigmas[0]"}
+        return entry | {"steps": step_coefficients(entry, m["prediction_type"])}
 
     return {"format_version": ENGINE_FORMAT_VERSION, "method": m["method"], "family": m["family"],
             "graph": "prediction = UNet(x / sqrt(1 + sigma^2), timestep, ...): x in VE form (x = x0 + sigma * eps); "
@@ -228,7 +324,7 @@ def engine_manifest(bundle, nfe: int, model: GraphStudent, files: dict) -> dict:
                      "(runtime/convention.py)",
             "prediction_type": m["prediction_type"],
             "inputs": inputs,
-            "outputs": [{"name": "prediction", "dtype": "float32", "shape": ["batch", *bundle.x_shape]}],
+            "outputs": io_specs(model.output_names, {"prediction": feed["x"]}),
             # `schedule`: the NFE export checked (parity, quality gate) and the runtime's default; `schedules`: every
             # NFE the network serves (an SFD-v network takes the step count as an input)
             "schedule": schedule(nfe), "schedules": {str(k): schedule(k) for k in bundle.nfes},
@@ -268,21 +364,8 @@ def quality_gate(bundle, engine_dir: Path, nfe: int, precisions: list[str], n: i
     return out
 
 
-def export_onnx(bundle_dir: str | Path, out_dir: str | Path, nfe: int | None = None,
-                precisions: tuple[str, ...] = ("fp32",), check_batch: int = 4, quality_samples: bool = True) -> Path:
-    """Write out_dir/{student_fp32.onnx, fewstep_engine.json}; returns out_dir. Fails (UserError) on parity."""
-    out_dir = Path(out_dir)
-    bundle = load_bundle(bundle_dir)
-    if bundle.manifest["family"] != "pixel":
-        raise UserError(f"{bundle_dir} is a {bundle.manifest['family']} student; this export handles pixel-space "
-                        "students so far (latent ones need the text encoders and VAE exported too)")
-    nfe = bundle.nfes[-1] if nfe is None else nfe
-    if str(nfe) not in bundle.manifest["nfe"]:
-        raise UserError(f"--nfe {nfe}: this {bundle.manifest['method']} student serves NFE "
-                        f"{', '.join(map(str, bundle.nfes))}")
-    unknown = [p for p in precisions if p not in PRECISIONS]
-    if unknown:
-        raise UserError(f"precision {unknown[0]!r} is not exported yet; available: {', '.join(PRECISIONS)}")
+def open_engine_folder(out_dir: Path) -> Path:
+    """A fresh `out_dir.tmp` to write the engine into (finish_engine_folder renames it over out_dir)."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -290,35 +373,12 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path, nfe: int | None = N
     except OSError as e:
         raise UserError(f"cannot write the engine folder next to {out_dir} ({e.strerror}); "
                         "choose another --out") from None
-    model = GraphStudent(bundle).eval()
-    feeds = loop_inputs(bundle, nfe, check_batch)
-    files = {}
-    fp32 = tmp / "student_fp32.onnx"
-    for precision in ("fp32", *[p for p in precisions if p != "fp32"]):
-        path = tmp / f"student_{precision}.onnx"
-        t0 = time.perf_counter()
-        if precision == "fp32":
-            export_fp32(model, feeds[0], path)
-        elif precision == "fp16":
-            to_fp16(fp32, path)
-        else:
-            to_int8(fp32, path, calibration_inputs(bundle, [nfe]))
-        errors = parity(path, model, feeds)
-        ok, checked = within_tolerance(precision, errors)
-        files[precision] = {"path": path.name, "precision": precision, **errors, "parity": checked,
-                            "export_seconds": round(time.perf_counter() - t0, 1)}
-        if not ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"{precision} ONNX differs from PyTorch: {checked}; nothing was written")
-    (tmp / ENGINE_MANIFEST).write_text(json.dumps(engine_manifest(bundle, nfe, model, files), indent=2))
-    gate = quality_gate(bundle, tmp, nfe, list(files)) if quality_samples else {}
-    for precision, result in gate.items():
-        files[precision]["quality"] = result
-    if "fp32" not in precisions:  # it was the source of the others
-        fp32.unlink()
-        del files["fp32"]
-    (tmp / ENGINE_MANIFEST).write_text(json.dumps(engine_manifest(bundle, nfe, model, files), indent=2))
-    if out_dir.exists():  # replace a previous engine folder only once the new one is complete
+    return tmp
+
+
+def finish_engine_folder(tmp: Path, out_dir: Path) -> None:
+    """Replace a previous engine folder only once the new one is complete (two renames)."""
+    if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)
@@ -326,6 +386,68 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path, nfe: int | None = N
         shutil.rmtree(old)
     else:
         os.replace(tmp, out_dir)
+
+
+def export_onnx(bundle_dir: str | Path, out_dir: str | Path, nfe: int | None = None,
+                precisions: tuple[str, ...] = ("fp32",), check_batch: int = 4, quality_samples: bool = True,
+                teacher: str | Path | None = None) -> Path:
+    """Write out_dir/{student_<precision>.onnx, fewstep_engine.json} (latent students: also their text encoder(s),
+    VAE decoder and tokenizers, export/latent.py; `teacher` overrides the teacher folder the bundle names);
+    returns out_dir. Fails (UserError) on parity, leaving nothing behind."""
+    out_dir = Path(out_dir)
+    bundle = load_bundle(bundle_dir)
+    nfe = bundle.nfes[-1] if nfe is None else nfe
+    if str(nfe) not in bundle.manifest["nfe"]:
+        raise UserError(f"--nfe {nfe}: this {bundle.manifest['method']} student serves NFE "
+                        f"{', '.join(map(str, bundle.nfes))}")
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise UserError(f"precision {unknown[0]!r} is not exported yet; available: {', '.join(PRECISIONS)}")
+    latent = bundle.manifest["family"] == "latent"
+    if latent:
+        from . import latent as latent_parts
+
+        latent_parts.check_precisions(precisions)
+        text_teacher = latent_parts.load_teacher_parts(bundle, teacher)
+    tmp = open_engine_folder(out_dir)
+    try:
+        model = GraphStudent(bundle).eval()
+        cond = latent_parts.loop_condition(text_teacher, check_batch) if latent else None
+        feeds, x0 = run_loop(bundle, nfe, check_batch, cond=cond)
+        wants = module_outputs(model, feeds)
+        files, sections = {}, {}
+        fp32 = tmp / "student_fp32.onnx"
+        for precision in ("fp32", *[p for p in precisions if p != "fp32"]):
+            path = tmp / f"student_{precision}.onnx"
+            t0 = time.perf_counter()
+            if precision == "fp32":
+                export_fp32(model, feeds[0], path)
+            elif precision == "fp16":
+                to_fp16(fp32, path)
+            else:
+                to_int8(fp32, path, calibration_inputs(bundle, [nfe]))
+            files[precision] = checked_file(path, feeds, wants, precision, "unet", time.perf_counter() - t0)
+        if latent:
+            more, sections = latent_parts.export_parts(text_teacher, x0, tmp)
+            files |= more
+            sections["guidance"] = latent_parts.guidance(bundle, text_teacher)
+
+        def write_manifest():
+            manifest = engine_manifest(bundle, nfe, model, files, feeds[0]) | sections
+            (tmp / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+        write_manifest()
+        gate = quality_gate(bundle, tmp, nfe, list(files)) if quality_samples else {}
+        for precision, result in gate.items():
+            files[precision]["quality"] = result
+        if "fp32" not in precisions:  # it was the source of the others
+            fp32.unlink()
+            del files["fp32"]
+        write_manifest()
+    except BaseException:  # a failed export leaves nothing that looks complete
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finish_engine_folder(tmp, out_dir)
     return out_dir
 
 
@@ -336,10 +458,12 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help="engine folder (default: BUNDLE/../engine)")
     p.add_argument("--nfe", type=int, help="the schedule the engine serves (default: the most the student serves)")
     p.add_argument("--precision", default="fp32", help="comma-separated: fp32, fp16, int8 (fp32 is always built first)")
+    p.add_argument("--teacher", type=Path, help="latent students: the teacher folder whose text encoders, VAE and "
+                                                "tokenizers go into the engine (default: the one the bundle names)")
     args = p.parse_args(argv)
     out = args.out or args.bundle.parent / "engine"
     precisions = tuple(s.strip() for s in args.precision.split(",") if s.strip())
-    out = export_onnx(args.bundle, out, args.nfe, precisions)
+    out = export_onnx(args.bundle, out, args.nfe, precisions, teacher=args.teacher)
     manifest = json.loads((out / ENGINE_MANIFEST).read_text())
     for f in manifest["files"].values():
         print(f"{out / f['path']}: max abs err {f['max_abs_err']:.2e}, max rel err {f['max_rel_err']:.2e} vs PyTorch "
