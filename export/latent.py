@@ -162,7 +162,7 @@ def max_length(part: TextPart) -> int:
 def export_parts(teacher, x0: torch.Tensor, out: Path) -> tuple[dict, dict]:
     """Export the text encoder(s) and the VAE decoder into `out` in fp32, each checked against the adapter's own
     tensors, and copy the tokenizers. Returns (files entries, manifest sections)."""
-    from .onnx import checked_file, export_fp32, io_specs
+    from .onnx import checked_file, export_graph, io_specs
 
     files, encoders = {}, []
     # the whole prompt set (batch 4) and one prompt (batch 1): the batch axis is dynamic
@@ -175,7 +175,7 @@ def export_parts(teacher, x0: torch.Tensor, out: Path) -> tuple[dict, dict]:
         wants = [[c["encoder_hidden_states"][..., part.hidden].numpy(), *([c["text_embeds"].numpy()]
                   if "text_embeds" in part.graph.output_names else [])] for c in conds]
         path = out / f"{part.name}_fp32.onnx"
-        export_fp32(part.graph, feeds[0], path)
+        export_graph(part.graph, feeds[0], path)
         # CLIP's hidden states are not unit-scale (residual streams reach tens to hundreds): the fp32 bound is
         # relative to their largest magnitude
         files[f"{part.name}_fp32"] = checked_file(path, feeds, wants, "fp32", part.name, time.perf_counter() - t0,
@@ -194,7 +194,7 @@ def export_parts(teacher, x0: torch.Tensor, out: Path) -> tuple[dict, dict]:
     with torch.no_grad():
         wants = [[teacher.decode(x0).numpy()]]
     path = out / "vae_decoder_fp32.onnx"
-    export_fp32(vae, feeds[0], path)
+    export_graph(vae, feeds[0], path)
     files["vae_decoder_fp32"] = checked_file(path, feeds, wants, "fp32", "vae_decoder", time.perf_counter() - t0,
                                                base=VAE_TOLERANCE)
 
