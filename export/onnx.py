@@ -349,14 +349,14 @@ def is_digits_student(bundle) -> bool:
 
 
 def quality_gate(bundle, engine_dir: Path, nfe: int, precisions: list[str], n: int = 1000) -> dict:
-    """Digits students: FD / class accuracy of the loop run through each exported file (runtime.engine) against
+    """Digits students: FD / class accuracy of the loop run through each exported file (runtime.Pipeline) against
     the PyTorch student on the same noise; {} for other students (no metric for them here)."""
     if not is_digits_student(bundle):
         return {}
     from distill.data import to_uint8
     from distill.metrics import digits_metric
     from distill.sample import noise_for
-    from runtime.engine import EngineSampler
+    from runtime import Pipeline
 
     metric = digits_metric()
     labels = torch.arange(n) % 10
@@ -367,8 +367,8 @@ def quality_gate(bundle, engine_dir: Path, nfe: int, precisions: list[str], n: i
                      labels.numpy())
     out = {}
     for precision in precisions:
-        images = EngineSampler(engine_dir, precision).sample(noise.numpy(), labels.numpy(), fresh.numpy())
-        got = metric(to_uint8(torch.from_numpy(images).float()).numpy(), labels.numpy())
+        pipe = Pipeline.load(engine_dir, "onnxruntime-cpu", precision)
+        got = metric(pipe.generate(labels.numpy(), noise=draws[:, :pipe.draws(nfe)].numpy()).images, labels.numpy())
         out[precision] = {"n": n, "fd": got["fd"], "accuracy": got["accuracy"], "fd_pytorch_fp32": ref["fd"],
                           "fd_change": got["fd"] / ref["fd"] - 1}
     return out

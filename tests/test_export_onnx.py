@@ -35,10 +35,14 @@ def bundles(tmp_path_factory):
 
 
 def ort_sample(engine_dir: Path, noise: np.ndarray, labels: np.ndarray, fresh: np.ndarray | None) -> np.ndarray:
-    """The few-step loop from the engine folder alone (runtime.engine: manifest + ONNX Runtime, no torch)."""
-    from runtime.engine import EngineSampler
+    """The few-step loop from the engine folder alone (runtime.Pipeline: manifest + ONNX Runtime, no torch), as
+    floats: x0 in [-1, 1] before the uint8 conversion."""
+    from runtime import Pipeline
 
-    return EngineSampler(engine_dir).sample(noise, labels, fresh)
+    pipe = Pipeline.load(engine_dir, "onnxruntime-cpu")
+    schedule = pipe.schedule(None)
+    draws = np.concatenate([noise[:, None], fresh.transpose(1, 0, 2, 3, 4)], axis=1)[:, :pipe.draws(schedule["nfe"])]
+    return pipe.sample(schedule, draws, labels)[0]
 
 
 @pytest.mark.parametrize("kind,nfe", [("dmd2", 2), ("dmd2", 1), ("sfd-v", 3)])
