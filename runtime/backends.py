@@ -42,6 +42,11 @@ class OnnxRuntimeBackend:
         self.session = ort.InferenceSession(str(path), options, providers=[provider])
         self.output = self.session.get_outputs()[0].name
 
+    def run_all(self, feed: dict) -> dict:
+        """Every output of the graph by name (text encoders have two), on the CPU provider's plain path."""
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, feed)))
+
     def run(self, feed: dict) -> np.ndarray:
         if self.device == "cpu":
             return self.session.run([self.output], feed)[0]

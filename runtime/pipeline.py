@@ -32,13 +32,15 @@ MAX_SEED = 2**63 - 1
 
 @dataclass
 class Generation:
-    """What `Pipeline.generate` returns: images (N, H, W, C) uint8, their conditions, and where the time went."""
+    """What `Pipeline.generate` returns: images (N, H, W, C) uint8, their conditions (labels or prompts), and where
+    the time went."""
 
     images: np.ndarray
     labels: np.ndarray | None
     nfe: int
     seed: int | None
     timings: dict = field(default_factory=dict)
+    prompts: list[str] | None = None
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -76,6 +78,7 @@ class Pipeline:
         cond = manifest["conditioning"]
         self.num_classes = cond.get("num_classes") if cond.get("kind") == "class" else None
         self.max_batch = manifest.get("max_batch")
+        self.text = None  # text-to-image engines: their tokenizers, text encoder(s) and VAE decoder (runtime/text.py)
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", precision: str = "fp32",
@@ -83,11 +86,12 @@ class Pipeline:
         """Open an engine folder once; the pipeline is then shared by every request (and thread)."""
         engine_dir = Path(engine_dir)
         manifest = read_manifest(engine_dir)
-        if manifest.get("family", "pixel") != "pixel":
-            raise UserError(f"{engine_dir} is a {manifest['family']} engine; this runtime samples pixel-space "
-                            "engines (text-to-image engines are not supported yet)")
         files = manifest["files"]
         name = choose_backend(backend, files)
+        text = manifest["conditioning"].get("kind") == "text"
+        if text and not name.startswith("onnxruntime"):
+            raise UserError(f"{engine_dir} is a text-to-image engine; this runtime runs those on ONNX Runtime "
+                            "(backend onnxruntime-cpu or onnxruntime-cuda)")
         if name == "tensorrt":
             from .tensorrt import TensorRTBackend
 
@@ -103,8 +107,13 @@ class Pipeline:
         if entry is None or not entry["path"].endswith(".onnx"):
             onnx = [k for k, v in files.items() if v["path"].endswith(".onnx")]
             raise UserError(f"{engine_dir} has no {precision} ONNX file; precisions here: {', '.join(onnx)}")
-        backend = OnnxRuntimeBackend(engine_dir / entry["path"], name.removeprefix("onnxruntime-"), threads)
-        return cls(manifest, engine_dir, backend, precision)
+        device = name.removeprefix("onnxruntime-")
+        pipe = cls(manifest, engine_dir, OnnxRuntimeBackend(engine_dir / entry["path"], device, threads), precision)
+        if text:
+            from .text import TextParts
+
+            pipe.text = TextParts(engine_dir, manifest, device, threads)
+        return pipe
 
     @property
     def nfes(self) -> list[int]:
@@ -155,8 +164,9 @@ class Pipeline:
         t_start = time.perf_counter()
         schedule = self.schedule(nfe)
         nfe = schedule["nfe"]
-        labels = self.check_labels(conditions, n)
-        count = len(labels) if labels is not None else n
+        prompts = self.text.check_prompts(conditions) if self.text is not None else None
+        labels = self.check_labels(conditions, n) if prompts is None else None
+        count = len(prompts) if prompts is not None else len(labels) if labels is not None else n
         draws = self.draws(nfe)
         if noise is not None:
             noise = np.asarray(noise, dtype=np.float32)
@@ -175,23 +185,27 @@ class Pipeline:
             stop = min(start + batch_size, count)
             chunk = noise[start:stop] if noise is not None else \
                 noise_gen.request_noise(int(seed), start, stop - start, draws, self.x_shape)
-            x, ms, b_ms = self.sample(schedule, chunk, None if labels is None else labels[start:stop])
-            images.append(to_uint8(x))
+            if self.text is not None:
+                cond = self.text.encode(prompts[start:stop])
+            else:
+                cond = {} if labels is None else {"class_labels": labels[start:stop]}
+            x, ms, b_ms = self.sample(schedule, chunk, cond)
+            images.append(to_uint8(self.text.decode(x) if self.text is not None else x))
             step_ms += ms
             backend_ms += b_ms
         total = 1000 * (time.perf_counter() - t_start)
         timings = {"total_ms": total, "step_ms": step_ms.tolist(), "backend_ms": backend_ms,
                    "overhead_ms": total - backend_ms, "images": count, "backend": self.backend.name,
                    "precision": self.precision}
-        return Generation(np.concatenate(images), labels, nfe, None if noise is not None else int(seed), timings)
+        return Generation(np.concatenate(images), labels, nfe, None if noise is not None else int(seed), timings,
+                          prompts)
 
-    def denoise(self, x: np.ndarray, sigma: float, timestep: float, labels, nfe: int) -> tuple[np.ndarray, float]:
-        """x0 at `sigma` (one network call) and the backend's milliseconds."""
+    def denoise(self, x: np.ndarray, sigma: float, timestep: float, cond: dict, nfe: int) -> tuple[np.ndarray, float]:
+        """x0 at `sigma` (one network call) and the backend's milliseconds; `cond` holds the condition inputs
+        (class_labels, or a text engine's encoder_hidden_states [, text_embeds, time_ids])."""
         count = len(x)
         feed = {"x": x.astype(np.float32), "sigma": np.full(count, sigma, np.float32),
-                "timestep": np.full(count, timestep, np.float32)}
-        if "class_labels" in self.inputs:
-            feed["class_labels"] = labels
+                "timestep": np.full(count, timestep, np.float32), **cond}
         if "nfe" in self.inputs:
             feed["nfe"] = np.full(count, nfe, np.int64)
         t0 = time.perf_counter()
@@ -199,8 +213,9 @@ class Pipeline:
         ms = 1000 * (time.perf_counter() - t0)
         return x0_from_output(out, x, feed["sigma"], self.manifest["prediction_type"]), ms
 
-    def sample(self, schedule: dict, noise: np.ndarray, labels) -> tuple[np.ndarray, np.ndarray, float]:
-        """The manifest's loop on one chunk: (x0 (N, C, H, W) float64, ms per step, backend ms)."""
+    def sample(self, schedule: dict, noise: np.ndarray, cond: dict) -> tuple[np.ndarray, np.ndarray, float]:
+        """The manifest's loop on one chunk (`cond`: the condition inputs, see denoise): (x0 (N, C, H, W) float64,
+        ms per step, backend ms)."""
         sigmas, timesteps, nfe = schedule["sigmas"], schedule["timesteps"], schedule["nfe"]
         step_ms, backend_ms = np.zeros(nfe), 0.0
         x = noise[:, 0].astype(np.float64) * sigmas[0]
@@ -211,7 +226,7 @@ class Pipeline:
                 if i == 0 and schedule["afs"]:
                     d = x / np.sqrt(1 + sigmas[0] ** 2)
                 else:
-                    x0, ms = self.denoise(x, sigmas[i], timesteps[i], labels, nfe)
+                    x0, ms = self.denoise(x, sigmas[i], timesteps[i], cond, nfe)
                     backend_ms += ms
                     d = (x - x0) / sigmas[i]
                 x = x + (sigmas[i + 1] - sigmas[i]) * d
@@ -220,7 +235,7 @@ class Pipeline:
             return x, step_ms, backend_ms
         for i in range(nfe):  # DMD2: predict x0, re-noise with fresh noise
             t0 = time.perf_counter()
-            x0, ms = self.denoise(x, sigmas[i], timesteps[i], labels, nfe)
+            x0, ms = self.denoise(x, sigmas[i], timesteps[i], cond, nfe)
             backend_ms += ms
             if i + 1 < nfe:
                 x = x0 + sigmas[i + 1] * noise[:, i + 1].astype(np.float64)

@@ -15,6 +15,7 @@ pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) 
 
 from distill.adapters.latent import load_latent_teacher  # noqa: E402
 from distill.bundle import MANIFEST_NAME, load_bundle  # noqa: E402
+from distill.data import to_uint8  # noqa: E402
 from distill.dmd2 import train_dmd2  # noqa: E402
 from distill.run import PRESETS  # noqa: E402
 from export import onnx as export_onnx  # noqa: E402
@@ -147,6 +148,29 @@ def test_whole_sample_through_onnx_runtime_matches_the_pytorch_student(exported)
     assert got.shape == (len(PROMPTS), 3, IMAGE_SIZE, IMAGE_SIZE)
     assert np.abs(got - want).max() <= IMAGE_TOLERANCE, np.abs(got - want).max()
     assert np.abs(want[0] - want[2]).max() > 1e-3  # different prompts, different images: the check means something
+
+
+def test_runtime_pipeline_samples_text_engines_from_prompts(exported):
+    """runtime.Pipeline on the engine folder alone (no torch): prompts in, the PyTorch student's images out."""
+    from runtime import Pipeline, UserError
+
+    _, bundle_dir, engine, m = exported
+    bundle = load_bundle(bundle_dir)
+    teacher = load_latent_teacher(Path(m["conditioning"]["teacher"]))
+    pipe = Pipeline.load(engine, "onnxruntime-cpu")
+    nfe = m["schedule"]["nfe"]
+    noise = np.random.default_rng(3).standard_normal((len(PROMPTS), pipe.draws(nfe), *bundle.x_shape))
+    out = pipe.generate(PROMPTS, noise=noise.astype(np.float32), batch_size=2)
+    fresh = torch.from_numpy(noise[:, 1:]).float().transpose(0, 1)
+    with torch.no_grad():
+        x0 = bundle.generate(torch.from_numpy(noise[:, 0]).float(), teacher.cond(prompts=PROMPTS), nfe,
+                             fresh_noise=fresh)
+        want = to_uint8(teacher.decode(x0)).numpy()
+    assert out.images.shape == (len(PROMPTS), IMAGE_SIZE, IMAGE_SIZE, 3) and out.prompts == PROMPTS
+    assert np.abs(out.images.astype(int) - want).max() <= 1
+    assert np.array_equal(pipe.generate(PROMPTS[:1], seed=4).images, pipe.generate(PROMPTS[:1], seed=4).images)
+    with pytest.raises(UserError, match="give a list of prompts"):
+        pipe.generate([1, 2])
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def ort_sample(engine_dir: Path, noise: np.ndarray, labels: np.ndarray, fresh: n
     pipe = Pipeline.load(engine_dir, "onnxruntime-cpu")
     schedule = pipe.schedule(None)
     draws = np.concatenate([noise[:, None], fresh.transpose(1, 0, 2, 3, 4)], axis=1)[:, :pipe.draws(schedule["nfe"])]
-    return pipe.sample(schedule, draws, labels)[0]
+    return pipe.sample(schedule, draws, {"class_labels": labels.astype(np.int64)})[0]
 
 
 @pytest.mark.parametrize("kind,nfe", [("dmd2", 2), ("dmd2", 1), ("sfd-v", 3)])
