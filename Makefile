@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.fewstep-installed
 
-.PHONY: setup quickstart test lint clean
+.PHONY: setup quickstart test lint clean chromium
 
 setup: $(STAMP)
 
@@ -31,7 +31,14 @@ quickstart: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
+# The demo's browser test drives Debian's Chromium through Playwright (never Playwright's own browser download);
+# where apt-get cannot install it, that one test is skipped.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
+		echo "note: Chromium is not installed and apt-get could not install it: the demo's browser test will be skipped"
+
+test: lint chromium
 	$(VENV)/bin/pytest
 
 clean:
