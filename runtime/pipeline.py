@@ -77,7 +77,8 @@ class Pipeline:
         self.x_shape = tuple(image.get("latent_shape") or (image["channels"], image["height"], image["width"]))
         cond = manifest["conditioning"]
         self.num_classes = cond.get("num_classes") if cond.get("kind") == "class" else None
-        self.max_batch = manifest.get("max_batch")
+        # a TensorRT plan knows its own batch profile; ONNX engines take the manifest's limit, if any
+        self.max_batch = getattr(backend, "max_batch", None) or manifest.get("max_batch")
         self.text = None  # text-to-image engines: their tokenizers, text encoder(s) and VAE decoder (runtime/text.py)
 
     @classmethod
