@@ -86,10 +86,10 @@ def main(argv=None):
             raise UserError(f"--url must point at this machine ({', '.join(LOOPBACK)}); got {args.url}")
         url = args.url
     else:
-        from .__main__ import quickstart_engine
+        from .__main__ import default_engine
         from .app import build_app
 
-        app = build_app(args.engine or quickstart_engine(), concurrency=args.concurrency, max_queue=4 * args.clients)
+        app = build_app(args.engine or default_engine(), concurrency=args.concurrency, max_queue=4 * args.clients)
         _, url, _ = app.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
                                ssr_mode=False)
         print(app.fewstep_demo.describe(), flush=True)

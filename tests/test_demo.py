@@ -23,7 +23,7 @@ pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) 
 from gradio_client import Client  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from demo.__main__ import quickstart_engine  # noqa: E402
+from demo.__main__ import default_engine  # noqa: E402
 from demo.app import DISPLAY_PX, MAX_IMAGES, Demo, build_app  # noqa: E402
 from distill.adapters import load_teacher  # noqa: E402
 from distill.dmd2 import DMD2Config, train_dmd2  # noqa: E402
@@ -137,15 +137,15 @@ def test_text_engines_show_a_prompt_box_and_refuse_an_empty_prompt(tiny, tmp_pat
     assert prompt_boxes and prompt_boxes[0]["props"]["visible"] is True
 
 
-def test_default_engine_is_the_quickstart_student_exported_once(tiny, tmp_path):
-    with pytest.raises(UserError, match="make quickstart"):
-        quickstart_engine(tmp_path / "nothing")
+def test_default_engine_is_the_quickstart_student_else_the_embedded_one_exported_once(tiny, tmp_path):
+    embedded = default_engine(tmp_path / "nothing", tmp_path / "embedded")  # no quickstart: the committed student
+    assert embedded == tmp_path / "embedded" and Demo(embedded).pipeline("onnxruntime-cpu", "fp32").nfes == [1]
     run = tmp_path / "run"
     shutil.copytree(tiny["bundle"], run / "student")
-    engine = quickstart_engine(run)
+    engine = default_engine(run, tmp_path / "embedded")
     assert engine == run / "engine" and Demo(engine).precisions == ["fp32", "int8"]
     stamp = (engine / "fewstep_engine.json").stat().st_mtime_ns
-    assert quickstart_engine(run) == engine and (engine / "fewstep_engine.json").stat().st_mtime_ns == stamp
+    assert default_engine(run) == engine and (engine / "fewstep_engine.json").stat().st_mtime_ns == stamp
 
 
 def chromium_path() -> str | None:
