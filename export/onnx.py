@@ -39,7 +39,16 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 # int8 is judged by the FD gate (quality_gate); its parity bound is on the RMS error relative to the output's RMS
 # and only catches a broken graph (quantizing the timestep embedding gave errors larger than the output itself)
 INT8_MAX_REL_RMS = 0.3
-PRECISIONS = ("fp32", "fp16", "int8")
+# int8-cpu: int8 laid out for ONNX Runtime's CPU provider (to_int8_cpu); bf16: the fp32 file run by OpenVINO in bf16
+# (ONNX Runtime's CPU provider has no bf16 convolutions). Both are judged like int8: parity on the relative RMS
+# error, quality by the FD gate.
+PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu", "bf16")
+REL_RMS_PRECISIONS = ("int8", "int8-cpu", "bf16")
+# int8-cpu keeps the UNet's first and last convolution in float: the last one's output is the prediction itself,
+# which a uint8 grid would round to steps of ~2.5 image levels; each is well under 1 % of the multiply-adds.
+FLOAT_ENDS = ("conv_in", "conv_out")
+# The backend a precision's quality gate samples through (the one it is served by), where not ONNX Runtime's CPU
+BACKEND_OF = {"bf16": "openvino-cpu"}
 # The embeddings of the timestep, class and step count: left out of int8 quantization (their inputs span 0..1000,
 # which one symmetric int8 scale cannot hold).
 EMBEDDING_NODES = ("time_proj", "time_embedding", "class_embedding", "embedding")
@@ -211,6 +220,58 @@ def to_int8(src: Path, dst: Path, calibration: list[dict]) -> None:
     prepared.unlink()
 
 
+def to_int8_cpu(src: Path, dst: Path, calibration: list[dict]) -> None:
+    """int8 laid out for ONNX Runtime's CPU provider (the "int8-cpu" precision; the int8 file stays as TensorRT takes
+    it), calibrated like int8. Each choice measured on the digits student (docs/cpu_profile.md):
+    - uint8 activations with a zero point x int8 symmetric per-channel weights (U8S8), int32 biases: what ORT's x86
+      kernels (MLAS, AVX-512 VNNI) take directly, and what its QDQ fusions turn into QLinearConv, QLinearMatMul
+      and QGemm for every weighted layer (the S8S8 int8 file leaves 10 of the digits UNet's 35 Conv in float, with
+      their weights dequantized on every call);
+    - only layers with weights: the attention's activation x activation MatMuls and its Softmax stay float
+      (quantized, ORT runs them as QLinearMatMul / QLinearSoftmax, slower than in float), and so do the
+      elementwise ops (QLinearAdd / QLinearMul are no faster than float Add / Mul);
+    - the timestep / class / NFE embeddings stay float, as in int8, and so do the first and last convolution
+      (FLOAT_ENDS): the parity error drops from 2.3 % to 1.5 % relative RMS at no measurable cost."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(calibration)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    prepared = dst.with_suffix(".prep.onnx")
+    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+    graph = onnx.load(str(prepared)).graph
+    weights = {i.name for i in graph.initializer}
+    exclude = [n.name for n in graph.node if any(k in n.name for k in EMBEDDING_NODES + FLOAT_ENDS)
+               or n.op_type == "MatMul" and not weights.intersection(n.input)]
+    quantize_static(str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_exclude=exclude,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    prepared.unlink()
+
+
+def checked_bf16(fp32: Path, feeds: list[dict], wants: list[list[np.ndarray]], seconds: float) -> dict:
+    """The "bf16" manifest entry: the fp32 file, run by OpenVINO with a bf16 inference precision (oneDNN's
+    avx512_bf16 / AMX kernels), after its parity check through OpenVINO; UserError without OpenVINO or bf16."""
+    from runtime.openvino import OpenVinoBackend
+
+    t0 = time.perf_counter()
+    backend = OpenVinoBackend(fp32, "bf16", threads=None)
+    errors = error_stats(((backend.run(feed), want[0]) for feed, want in zip(feeds, wants, strict=True)), len(feeds))
+    ok, checked = within_tolerance("bf16", errors)
+    if not ok:
+        raise UserError(f"bf16 (OpenVINO) of the unet differs from PyTorch: {checked}; nothing was written")
+    return {"path": fp32.name, "component": "unet", "precision": "bf16", "backend": "openvino-cpu",
+            "inference_precision": "bf16", **errors, "parity": f"{checked}, through OpenVINO",
+            "export_seconds": round(seconds + time.perf_counter() - t0, 1)}
+
+
 def calibration_inputs(bundle, nfes: list[int], batch: int = 16) -> list[dict]:
     """Every call the student's loop makes, for CALIBRATION_BATCHES seeds per served NFE (classes cycling)."""
     return [feed for nfe in nfes for seed in range(CALIBRATION_BATCHES) for feed in loop_inputs(bundle, nfe, batch,
@@ -256,7 +317,7 @@ def within_tolerance(precision: str, errors: dict, scaled: bool = False, base: f
     """(ok, what was checked) for a file's parity errors. `base`: a component's own max abs bound instead of
     TOLERANCE's; `scaled`: the bound is relative to the reference's largest magnitude where that exceeds 1, for
     outputs that are not unit-scale (text encoders' hidden states)."""
-    if precision == "int8":
+    if precision in REL_RMS_PRECISIONS:
         return errors["rel_rms_err"] <= INT8_MAX_REL_RMS, f"relative RMS error {errors['rel_rms_err']:.2e} " \
                                                           f"(tolerance {INT8_MAX_REL_RMS})"
     base = TOLERANCE[precision] if base is None else base
@@ -367,7 +428,7 @@ def quality_gate(bundle, engine_dir: Path, nfe: int, precisions: list[str], n: i
                      labels.numpy())
     out = {}
     for precision in precisions:
-        pipe = Pipeline.load(engine_dir, "onnxruntime-cpu", precision)
+        pipe = Pipeline.load(engine_dir, BACKEND_OF.get(precision, "onnxruntime-cpu"), precision)
         got = metric(pipe.generate(labels.numpy(), noise=draws[:, :pipe.draws(nfe)].numpy()).images, labels.numpy())
         out[precision] = {"n": n, "fd": got["fd"], "accuracy": got["accuracy"], "fd_pytorch_fp32": ref["fd"],
                           "fd_change": got["fd"] / ref["fd"] - 1}
@@ -434,6 +495,11 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path, nfe: int | None = N
                 export_graph(model, feeds[0], path)
             elif precision == "fp16":
                 export_graph(HalfGraph(model).eval(), feeds[0], path)
+            elif precision == "bf16":
+                files[precision] = checked_bf16(fp32, feeds, wants, time.perf_counter() - t0)
+                continue
+            elif precision == "int8-cpu":
+                to_int8_cpu(fp32, path, calibration_inputs(bundle, [nfe]))
             else:
                 to_int8(fp32, path, calibration_inputs(bundle, [nfe]))
             files[precision] = checked_file(path, feeds, wants, precision, "unet", time.perf_counter() - t0)
@@ -450,7 +516,7 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path, nfe: int | None = N
         gate = quality_gate(bundle, tmp, nfe, list(files)) if quality_samples else {}
         for precision, result in gate.items():
             files[precision]["quality"] = result
-        if "fp32" not in precisions:  # it was the source of the others
+        if "fp32" not in precisions and "bf16" not in precisions:  # it was the source of the others
             fp32.unlink()
             del files["fp32"]
         write_manifest()
@@ -467,7 +533,8 @@ def main(argv=None):
     p.add_argument("--bundle", type=Path, required=True, help="a student bundle folder (…/student)")
     p.add_argument("--out", type=Path, help="engine folder (default: BUNDLE/../engine)")
     p.add_argument("--nfe", type=int, help="the schedule the engine serves (default: the most the student serves)")
-    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, fp16, int8 (fp32 is always built first)")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, fp16, int8, int8-cpu, bf16 "
+                                                        "(fp32 is always built first)")
     p.add_argument("--teacher", type=Path, help="latent students: the teacher folder whose text encoders, VAE and "
                                                 "tokenizers go into the engine (default: the one the bundle names)")
     args = p.parse_args(argv)

@@ -3,7 +3,9 @@ torch.compile) and the teacher's 50-step sampler: `python -m runtime.bench --eng
 
 Each cell times `Pipeline.generate` (the whole request: noise, loop, uint8 images) after a warm-up, and reports
 p50 / p90 latency and images/s at p50. The runtime's overhead is measured on the first ONNX Runtime cell at batch
-1: `generate` against the bare backend call on the same inputs. Writes OUT.md, OUT.json and OUT.png.
+1: `generate` against the bare backend call on the same inputs. Low-precision rows carry the digits FD that export's
+quality gate measured for their file (the manifest's `quality`), next to their speed, so the choice is on both.
+Writes OUT.md, OUT.json and OUT.png.
 The PyTorch and teacher rows need torch (and the bundle / teacher on this machine); the runtime itself does not.
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError, cli_main
+from .openvino import openvino_available
 from .pipeline import Pipeline
 
 
@@ -46,6 +49,17 @@ def row(kind: str, backend: str, precision: str, batch: int, nfe: int, ms: np.nd
     return {"kind": kind, "backend": backend, "precision": precision, "batch": batch, "nfe": nfe,
             "p50_ms": round(p50, 3), "p90_ms": round(float(np.percentile(ms, 90)), 3),
             "images_per_s": round(1000 * batch / p50, 1), "calls": len(ms), **extra}
+
+
+def quality(manifest: dict, precision: str, backend: str) -> dict:
+    """The FD export's quality gate measured for this precision's file ({} when it has none); the PyTorch rows get
+    the student's own FD from the same gate."""
+    files = manifest["files"]
+    if backend.startswith("pytorch"):
+        q = next((f["quality"] for f in files.values() if "quality" in f), None)
+        return {"fd": q["fd_pytorch_fp32"], "fd_change": 0.0} if q else {}
+    q = files.get(precision, {}).get("quality")
+    return {"fd": q["fd"], "fd_change": q["fd_change"]} if q else {}
 
 
 def runtime_overhead(pipe: Pipeline, seconds: float) -> dict:
@@ -111,11 +125,12 @@ def plot(rows: list[dict], path: Path) -> None:
 def markdown(result: dict) -> str:
     lines = [f"# Runtime latency: {result['engine']}", "",
              f"Machine: {result['machine']}; threads: {result['threads']}. Command: `{result['command']}`", "",
-             "| kind | backend | precision | NFE | batch | p50 ms | p90 ms | images/s |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| kind | backend | precision | NFE | batch | p50 ms | p90 ms | images/s | FD | FD vs PyTorch |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
+        fd = f"{r['fd']:.4f} | {100 * r['fd_change']:+.1f} %" if "fd" in r else "– | –"
         lines.append(f"| {r['kind']} | {r['backend']} | {r['precision']} | {r['nfe']} | {r['batch']} | "
-                     f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['images_per_s']:.0f} |")
+                     f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['images_per_s']:.0f} | {fd} |")
     o = result.get("overhead")
     if o:
         lines += ["", f"Runtime overhead ({o['backend']} {o['precision']}, NFE {o['nfe']}, batch 1): generate "
@@ -133,8 +148,8 @@ def main(argv=None):
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--nfes", help="comma-separated NFEs (default: every NFE the engine serves)")
     p.add_argument("--precisions", help="comma-separated (default: every ONNX file in the engine)")
-    p.add_argument("--backends", default="onnxruntime-cpu,pytorch,pytorch-compiled",
-                   help="runtime backends to time (pytorch* need the bundle and torch)")
+    p.add_argument("--backends", default="onnxruntime-cpu,openvino-cpu,pytorch,pytorch-compiled",
+                   help="runtime backends to time (openvino-cpu needs openvino; pytorch* the bundle and torch)")
     p.add_argument("--teacher", default="auto", help="teacher folder for the 50-step row ('auto': the engine's "
                                                      "teacher; 'none' to skip)")
     p.add_argument("--seconds", type=float, default=2.0, help="timing budget per cell")
@@ -155,7 +170,10 @@ def main(argv=None):
             import torch
 
             torch.set_num_threads(args.threads)
-        for precision in precisions if backend.startswith("onnxruntime") else ["fp32"]:
+        if backend == "openvino-cpu" and not openvino_available():
+            print("skipped openvino-cpu: OpenVINO is not installed (pip install openvino, or the [cpu] extra)")
+            continue
+        for precision in precisions if backend.startswith(("onnxruntime", "openvino")) else ["fp32"]:
             try:
                 pipe = Pipeline.load(args.engine, backend, precision, threads=args.threads)
             except UserError as e:
@@ -168,7 +186,8 @@ def main(argv=None):
                     labels = list(np.arange(batch) % pipe.num_classes) if pipe.num_classes else None
                     ms = time_calls(lambda pp=pipe, lab=labels, b=batch, k=nfe:
                                     pp.generate(lab, n=None if lab else b, nfe=k, seed=0), args.seconds)
-                    rows.append(row("student", pipe.backend.name, pipe.precision, batch, nfe, ms))
+                    rows.append(row("student", pipe.backend.name, pipe.precision, batch, nfe, ms,
+                                    **quality(first.manifest, precision, backend)))
                     print(json.dumps(rows[-1]))
     teacher = first.manifest.get("student", {}).get("teacher") if args.teacher == "auto" else args.teacher
     if teacher and teacher != "none" and Path(teacher).exists():

@@ -26,7 +26,7 @@ from .convention import x0_from_output
 from .errors import UserError
 from .manifest import read_manifest
 
-BACKENDS = ("auto", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "pytorch", "pytorch-compiled")
+BACKENDS = ("auto", "onnxruntime-cpu", "onnxruntime-cuda", "openvino-cpu", "tensorrt", "pytorch", "pytorch-compiled")
 MAX_SEED = 2**63 - 1
 
 
@@ -108,6 +108,13 @@ class Pipeline:
         if entry is None or not entry["path"].endswith(".onnx"):
             onnx = [k for k, v in files.items() if v["path"].endswith(".onnx")]
             raise UserError(f"{engine_dir} has no {precision} ONNX file; precisions here: {', '.join(onnx)}")
+        if entry.get("backend", name) != name:  # bf16: the fp32 file in OpenVINO's bf16 kernels
+            raise UserError(f"{engine_dir}'s {precision} runs on backend {entry['backend']}, not {name}")
+        if name == "openvino-cpu":
+            from .openvino import OpenVinoBackend
+
+            backend = OpenVinoBackend(engine_dir / entry["path"], entry.get("inference_precision", "f32"), threads)
+            return cls(manifest, engine_dir, backend, precision)
         device = name.removeprefix("onnxruntime-")
         pipe = cls(manifest, engine_dir, OnnxRuntimeBackend(engine_dir / entry["path"], device, threads), precision)
         if text:
