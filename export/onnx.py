@@ -409,7 +409,8 @@ def is_digits_student(bundle) -> bool:
     return (image["channels"], image["height"], image["width"]) == (1, 16, 16) and cond.get("num_classes") == 10
 
 
-def quality_gate(bundle, engine_dir: Path, nfe: int, precisions: list[str], n: int = 1000) -> dict:
+def quality_gate(bundle, engine_dir: Path, nfe: int, precisions: list[str], n: int = 1000,
+                 backend: str | None = None) -> dict:
     """Digits students: FD / class accuracy of the loop run through each exported file (runtime.Pipeline) against
     the PyTorch student on the same noise; {} for other students (no metric for them here)."""
     if not is_digits_student(bundle):
@@ -428,11 +429,19 @@ def quality_gate(bundle, engine_dir: Path, nfe: int, precisions: list[str], n: i
                      labels.numpy())
     out = {}
     for precision in precisions:
-        pipe = Pipeline.load(engine_dir, BACKEND_OF.get(precision, "onnxruntime-cpu"), precision)
+        pipe = Pipeline.load(engine_dir, backend or BACKEND_OF.get(precision, "onnxruntime-cpu"), precision)
         got = metric(pipe.generate(labels.numpy(), noise=draws[:, :pipe.draws(nfe)].numpy()).images, labels.numpy())
         out[precision] = {"n": n, "fd": got["fd"], "accuracy": got["accuracy"], "fd_pytorch_fp32": ref["fd"],
                           "fd_change": got["fd"] / ref["fd"] - 1}
     return out
+
+
+def openvino_serves(files: dict) -> bool:
+    """Whether the openvino-cpu backend is installed and this engine has int8 files for it to run (their FD
+    through OpenVINO differs from ONNX Runtime's, so the quality gate measures it too)."""
+    from runtime.openvino import openvino_available
+
+    return openvino_available() and any(p in files for p in ("int8", "int8-cpu"))
 
 
 def open_engine_folder(out_dir: Path) -> Path:
@@ -516,6 +525,10 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path, nfe: int | None = N
         gate = quality_gate(bundle, tmp, nfe, list(files)) if quality_samples else {}
         for precision, result in gate.items():
             files[precision]["quality"] = result
+        if quality_samples and openvino_serves(files):  # OpenVINO's int8 rounds its own way: its own FD
+            ov = [p for p in files if p in ("fp32", "int8", "int8-cpu")]
+            for precision, result in quality_gate(bundle, tmp, nfe, ov, backend="openvino-cpu").items():
+                files[precision]["quality_openvino"] = result
         if "fp32" not in precisions and "bf16" not in precisions:  # it was the source of the others
             fp32.unlink()
             del files["fp32"]

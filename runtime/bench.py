@@ -52,13 +52,17 @@ def row(kind: str, backend: str, precision: str, batch: int, nfe: int, ms: np.nd
 
 
 def quality(manifest: dict, precision: str, backend: str) -> dict:
-    """The FD export's quality gate measured for this precision's file ({} when it has none); the PyTorch rows get
-    the student's own FD from the same gate."""
+    """The FD export's quality gate measured for this precision's file on this backend ({} when it has none); the
+    PyTorch rows get the student's own FD from the same gate."""
     files = manifest["files"]
     if backend.startswith("pytorch"):
         q = next((f["quality"] for f in files.values() if "quality" in f), None)
         return {"fd": q["fd_pytorch_fp32"], "fd_change": 0.0} if q else {}
-    q = files.get(precision, {}).get("quality")
+    entry = files.get(precision, {})
+    # OpenVINO runs int8 with its own rounding: its FD is the gate's run through it (quality_openvino); a file made
+    # for OpenVINO (bf16) has it as its quality
+    key = "quality_openvino" if backend == "openvino-cpu" and entry.get("backend") != backend else "quality"
+    q = entry.get(key)
     return {"fd": q["fd"], "fd_change": q["fd_change"]} if q else {}
 
 
