@@ -191,9 +191,18 @@ def sort_nodes(graph) -> None:
     graph.node.extend(ordered)
 
 
-def to_int8(src: Path, dst: Path, calibration: list[dict]) -> None:
+def to_int8(src: Path, dst: Path, calibration: list[dict]) -> str:
     """Explicit Q/DQ int8 from post-training calibration on the student's own loop inputs, in the form TensorRT
-    accepts: symmetric (zero point 0) int8 activations and per-channel symmetric int8 weights."""
+    accepts: symmetric (zero point 0) int8 activations and per-channel symmetric int8 weights. Made by NVIDIA
+    ModelOpt where it is installed (the [quant] extra; the quantizer TensorRT's documentation recommends), else by
+    ONNX Runtime's static quantizer; returns which, with its version ("modelopt 0.47.0", "onnxruntime 1.32.0")."""
+    try:
+        import modelopt.onnx.quantization  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return to_int8_modelopt(src, dst, calibration)
+    import onnxruntime
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -218,6 +227,43 @@ def to_int8(src: Path, dst: Path, calibration: list[dict]) -> None:
                     # biases stay float: TensorRT fuses them itself and does not take int32-quantized biases
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
     prepared.unlink()
+    return f"onnxruntime {onnxruntime.__version__}"
+
+
+def to_int8_modelopt(src: Path, dst: Path, calibration: list[dict]) -> str:
+    """to_int8 by NVIDIA ModelOpt's ONNX PTQ (`python -m modelopt.onnx.quantization`), which places Q/DQ by
+    TensorRT's fusion rules: on Conv / MatMul / Gemm and also where TensorRT fuses int8 further (residual Adds, the
+    upsampling Resize). Its defaults: symmetric int8 (zero points 0), per-channel weights, entropy calibration.
+    Set here: calibration on ONNX Runtime's CPU provider (the same scales on any machine); the unquantized rest kept
+    in fp32 (ModelOpt would convert it to fp16; the TensorRT build is strongly typed, so the file decides); weights
+    stored in int8 behind DequantizeLinear only; the timestep / class / NFE embeddings left float, as in to_int8.
+    Its graph is opset 19. Run in a subprocess: ModelOpt patches ONNX Runtime's quantization classes for the rest
+    of the process, which would change any later quantize_static here (int8-cpu, to_int8's fallback)."""
+    import importlib.metadata
+    import re
+    import subprocess
+    import sys
+    import tempfile
+
+    import onnx
+
+    exclude = [re.escape(n.name) + "$" for n in onnx.load(str(src), load_external_data=False).graph.node
+               if any(k in n.name for k in EMBEDDING_NODES)]  # regular expressions, matched from the name's start
+    # the feeds stacked, and one feed's shapes: ModelOpt splits the stack back into one calibration step per feed
+    shapes = ",".join(f"{name}:{'x'.join(map(str, a.shape))}" for name, a in calibration[0].items())
+    with tempfile.TemporaryDirectory() as scratch:
+        data = Path(scratch) / "calibration.npz"
+        np.savez(data, **{name: np.concatenate([feed[name] for feed in calibration]) for name in calibration[0]})
+        run = subprocess.run([sys.executable, "-m", "modelopt.onnx.quantization", "--onnx_path", str(src),
+                              "--output_path", str(dst), "--quantize_mode", "int8", "--calibration_data_path",
+                              str(data), "--calibration_shapes", shapes, "--calibration_eps", "cpu",
+                              "--high_precision_dtype", "fp32", "--dq_only", "--log_level", "WARNING",
+                              *(["--nodes_to_exclude", *exclude] if exclude else [])], capture_output=True, text=True)
+    if run.returncode != 0 or not dst.exists():
+        tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-20:])
+        raise UserError(f"NVIDIA ModelOpt's int8 quantization of {src.name} failed (exit {run.returncode}); "
+                        f"without nvidia-modelopt installed, export uses ONNX Runtime's quantizer:\n{tail}")
+    return f"modelopt {importlib.metadata.version('nvidia-modelopt')}"
 
 
 def to_int8_cpu(src: Path, dst: Path, calibration: list[dict]) -> None:
@@ -500,6 +546,7 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path, nfe: int | None = N
         for precision in ("fp32", *[p for p in precisions if p != "fp32"]):
             path = tmp / f"student_{precision}.onnx"
             t0 = time.perf_counter()
+            made_by = {}  # int8: which quantizer made the file
             if precision == "fp32":
                 export_graph(model, feeds[0], path)
             elif precision == "fp16":
@@ -510,8 +557,8 @@ def export_onnx(bundle_dir: str | Path, out_dir: str | Path, nfe: int | None = N
             elif precision == "int8-cpu":
                 to_int8_cpu(fp32, path, calibration_inputs(bundle, [nfe]))
             else:
-                to_int8(fp32, path, calibration_inputs(bundle, [nfe]))
-            files[precision] = checked_file(path, feeds, wants, precision, "unet", time.perf_counter() - t0)
+                made_by = {"quantizer": to_int8(fp32, path, calibration_inputs(bundle, [nfe]))}
+            files[precision] = checked_file(path, feeds, wants, precision, "unet", time.perf_counter() - t0) | made_by
         if latent:
             more, sections = latent_parts.export_parts(text_teacher, x0, tmp)
             files |= more

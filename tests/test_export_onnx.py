@@ -102,8 +102,10 @@ def test_runtime_x0_matches_the_denoiser_convention(prediction_type):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_int8_is_symmetric_per_channel_qdq(bundles, tmp_path):
+def test_int8_is_symmetric_per_channel_qdq(bundles, tmp_path, monkeypatch):
     """TensorRT's explicit quantization needs Q/DQ pairs with zero point 0 and per-channel weight scales."""
+    import sys
+
     import onnx
     from onnx import numpy_helper
 
@@ -111,7 +113,10 @@ def test_int8_is_symmetric_per_channel_qdq(bundles, tmp_path):
     # is in the README); export_onnx itself would refuse it on parity, which the next test relies on.
     out = export_onnx.export_onnx(bundles["dmd2"], tmp_path / "engine")
     bundle = load_bundle(bundles["dmd2"])
-    export_onnx.to_int8(out / "student_fp32.onnx", tmp_path / "q.onnx", export_onnx.calibration_inputs(bundle, [2]))
+    monkeypatch.setitem(sys.modules, "modelopt.onnx.quantization", None)  # ONNX Runtime's path, even with ModelOpt
+    made_by = export_onnx.to_int8(out / "student_fp32.onnx", tmp_path / "q.onnx",
+                                  export_onnx.calibration_inputs(bundle, [2]))
+    assert made_by.startswith("onnxruntime ")
     model = onnx.load(str(tmp_path / "q.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -122,6 +127,39 @@ def test_int8_is_symmetric_per_channel_qdq(bundles, tmp_path):
     assert any(s.ndim == 1 and s.size > 1 for s in scales)  # per-channel weights
     import onnxruntime as ort
 
+    feed = export_onnx.loop_inputs(bundle, 2, 3)[0]
+    assert ort.InferenceSession(str(tmp_path / "q.onnx")).run(["prediction"], feed)[0].shape == feed["x"].shape
+
+
+def test_int8_by_modelopt_is_symmetric_per_channel_qdq(bundles, tmp_path):
+    """Where NVIDIA ModelOpt is installed, to_int8 uses it: every Q/DQ with an int8 zero point of 0 (a missing zero
+    point would mean uint8), int8 weights behind DequantizeLinear with one scale per output channel, the
+    embeddings float; and the file runs."""
+    pytest.importorskip("modelopt.onnx.quantization", reason="nvidia-modelopt (the [quant] extra) is not installed")
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    out = export_onnx.export_onnx(bundles["dmd2"], tmp_path / "engine")
+    bundle = load_bundle(bundles["dmd2"])
+    made_by = export_onnx.to_int8(out / "student_fp32.onnx", tmp_path / "q.onnx",
+                                  export_onnx.calibration_inputs(bundle, [2]))
+    assert made_by.startswith("modelopt ")
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(len(n.input) == 3 and n.input[2] in inits for n in qdq)
+    assert all(inits[n.input[2]].dtype == np.int8 and (inits[n.input[2]] == 0).all() for n in qdq)
+    weights = [n for n in qdq if n.input[0] in inits]
+    assert weights and all(n.op_type == "DequantizeLinear" and inits[n.input[0]].dtype == np.int8 for n in weights)
+    for n in weights:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        assert inits[n.input[1]].size in (1, inits[n.input[0]].shape[axis]), n.name  # 1: a single output channel
+    assert any(inits[n.input[1]].size > 1 for n in weights)
+    dq_outputs = {n.output[0] for n in qdq if n.op_type == "DequantizeLinear"}
+    quantized = [n for n in model.graph.node if dq_outputs.intersection(n.input)]
+    assert {"Conv", "Gemm"} <= {n.op_type for n in quantized}
+    assert not [n.name for n in quantized if any(k in n.name for k in export_onnx.EMBEDDING_NODES)]
     feed = export_onnx.loop_inputs(bundle, 2, 3)[0]
     assert ort.InferenceSession(str(tmp_path / "q.onnx")).run(["prediction"], feed)[0].shape == feed["x"].shape
 
