@@ -97,6 +97,36 @@ def median_ms(fn, seconds: float, min_calls: int = 5) -> float:
     return float(np.median(out))
 
 
+KINDS = ("int8 Conv/MatMul/Gemm", "float Conv/MatMul/Gemm", "Q/DQ", "layout changes", "other ops", "outside kernels")
+
+
+def kind_of(op: str) -> str:
+    """What an op (ONNX Runtime's op type, or OpenVINO's "layer type (kernel)") does, for the summary table."""
+    name, _, kernel = op.partition(" (")
+    if name in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"):
+        return "Q/DQ"
+    if name in ("Transpose", "ReorderInput", "ReorderOutput", "Reorder"):
+        return "layout changes"
+    if name in ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QGemm") or \
+            name in ("Convolution", "FullyConnected", "MatMul") and "I8" in kernel:
+        return "int8 Conv/MatMul/Gemm"
+    if name in ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "Convolution", "FullyConnected"):
+        return "float Conv/MatMul/Gemm"
+    return "other ops"
+
+
+def by_kind(times: dict, calls: dict, total_us: float) -> dict:
+    """{kind: {"us", "calls", "share"}} over every op (KINDS), summing to `total_us`."""
+    out = {k: {"us": 0.0, "calls": 0} for k in KINDS}
+    for op, us in times.items():
+        out[kind_of(op)]["us"] += us
+        out[kind_of(op)]["calls"] += calls[op]
+    out["outside kernels"]["us"] = total_us - sum(times.values())
+    for v in out.values():
+        v["share"] = v["us"] / total_us
+    return out
+
+
 def op_table(times: dict, calls: dict, total_us: float, top: int) -> list[dict]:
     """Op types by time (us per run); the rest folded into "other ops", and the time outside kernels, so the
     rows sum to `total_us`."""
@@ -125,6 +155,7 @@ def profile_ort(path: Path, feed: dict, threads: int, runs: int, top: int = 12, 
     total = sum(r["dur"] for r in model_runs) / runs
     plain = ort_session(path, threads)
     return {"engine": "onnxruntime", "total_us": total, "ops": op_table(times, calls, total, top),
+            "kinds": by_kind(times, calls, total),
             "kernels": sum(calls.values()), "unprofiled_ms": median_ms(lambda: plain.run(None, feed), seconds)}
 
 
@@ -158,7 +189,43 @@ def profile_openvino(path: Path, feed: dict, threads: int, inference_precision: 
     calls = {k: v // runs for k, v in calls.items()}
     total = float(np.mean(totals))
     return {"engine": f"openvino {inference_precision}", "total_us": total, "ops": op_table(times, calls, total, top),
+            "kinds": by_kind(times, calls, total),
             "kernels": sum(calls.values()), "unprofiled_ms": unprofiled}
+
+
+def session_start(path: Path, threads: int, calls: int = 3) -> dict:
+    """Milliseconds to open an ONNX Runtime session (best of `calls`): from the file (optimizing it), while saving
+    the optimized graph (SessionOptions.optimized_model_filepath), and from that saved graph with optimization
+    off. The saved graph holds NCHWc / NHWC kernels for this CPU (ONNX Runtime warns): a cache, not a shippable
+    file."""
+    import onnxruntime as ort
+
+    def best(make) -> float:
+        out = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            make()
+            out.append(1000 * (time.perf_counter() - t0))
+        return min(out)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = str(Path(tmp) / "optimized.onnx")
+
+        def saving():
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.optimized_model_filepath = saved
+            options.log_severity_level = 3  # the hardware-specific warning, stated above
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+        def from_saved():
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            ort.InferenceSession(saved, options, providers=["CPUExecutionProvider"])
+
+        return {"from_file_ms": best(lambda: ort_session(path, threads)), "saving_ms": best(saving),
+                "from_optimized_ms": best(from_saved)}
 
 
 def graph_macs(path: Path, feed1: dict) -> dict:
@@ -285,6 +352,19 @@ def markdown(result: dict) -> str:
     for v in result["variants"]:
         lines.append(f"| {v['label']} | {v['batch']} | {v['unprofiled_ms']:.3f} | {v['images_per_s']:.0f} | "
                      f"{v['gflops']:.1f} | {v['arithmetic']} | {100 * v['fraction_of_peak']:.1f} % |")
+    lines += ["", "## Where the time goes, by kind", "",
+              "Share of the profiled run (kernel calls per run in brackets). \"outside kernels\": the executor between "
+              "ops, including the profiler's own cost, which dominates at batch 1 on ONNX Runtime.", "",
+              "| variant | batch | " + " | ".join(KINDS) + " |", "|---|---:|" + "---:|" * len(KINDS)]
+    for v in result["variants"]:
+        cells = [f"{100 * v['kinds'][k]['share']:.1f} %" + (f" ({v['kinds'][k]['calls']})" if v["kinds"][k]["calls"]
+                                                            else "") for k in KINDS]
+        lines.append(f"| {v['label']} | {v['batch']} | " + " | ".join(cells) + " |")
+    lines += ["", f"## Starting a session (ONNX Runtime, {result['threads']} threads)", "",
+              "| file | from the file, ms | saving the optimized model, ms | from the saved optimized model, ms |",
+              "|---|---:|---:|---:|"]
+    for precision, t in result.get("session_start", {}).items():
+        lines.append(f"| {precision} | {t['from_file_ms']:.0f} | {t['saving_ms']:.0f} | {t['from_optimized_ms']:.0f} |")
     for v in result["variants"]:
         lines += ["", f"## {v['label']}, batch {v['batch']}", "",
                   f"Profiled run {v['total_us'] / 1000:.3f} ms ({v['kernels']} kernels), unprofiled median "
@@ -345,10 +425,12 @@ def main(argv=None):
                          "fraction_of_peak": gflops / top if top else float("nan"), **prof})
             print(f"{label} batch {batch}: {prof['unprofiled_ms']:.3f} ms, {images_per_s:.0f} images/s, "
                   f"{gflops:.1f} GFLOP/s", flush=True)
+    starts = {precision: session_start(args.engine / manifest["files"][precision]["path"], args.threads)
+              for label, engine, precision, _ in variants(manifest, False) if engine == "onnxruntime"}
     result = {"engine": str(args.engine), "machine": f"{cpu_name()}, {os.cpu_count()} cores", "threads": args.threads,
               "load": load_average(),
               "command": "python -m runtime.profile " + " ".join(sys.argv[1:] if argv is None else argv),
-              "macs": macs, "macs_per_image": per_image, "peak": peak, "variants": rows}
+              "macs": macs, "macs_per_image": per_image, "peak": peak, "variants": rows, "session_start": starts}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(result))
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))

@@ -148,7 +148,10 @@ def test_profile_tables_sum_to_the_total_and_count_the_network(student, tmp_path
     assert result["macs"]["Conv"] == conv_macs_by_hooks(bundle_dir)
     assert result["macs"]["MatMul"] > 0 and result["macs_per_image"] == sum(result["macs"].values())
     text = out.read_text()
-    assert "| **total** |" in text and "onnxruntime int8-cpu, batch 3" in text
+    assert "| **total** |" in text and "onnxruntime int8-cpu, batch 3" in text and "by kind" in text
+    for v in result["variants"]:
+        assert sum(k["us"] for k in v["kinds"].values()) == pytest.approx(v["total_us"], rel=1e-9)
+    assert set(result["session_start"]) == {"fp32", "int8-cpu"}
 
 
 def test_gemm_peak_measures_each_arithmetic():
