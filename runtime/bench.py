@@ -5,6 +5,8 @@ Each cell times `Pipeline.generate` (the whole request: noise, loop, uint8 image
 p50 / p90 latency and images/s at p50. The runtime's overhead is measured on the first ONNX Runtime cell at batch
 1: `generate` against the bare backend call on the same inputs. Low-precision rows carry the digits FD that export's
 quality gate measured for their file (the manifest's `quality`), next to their speed, so the choice is on both.
+`--interleave` times the variants in turn (one request each per round) instead of one after the other, for fair
+comparisons on a shared machine.
 Writes OUT.md, OUT.json and OUT.png.
 The PyTorch and teacher rows need torch (and the bundle / teacher on this machine); the runtime itself does not.
 """
@@ -42,6 +44,21 @@ def time_calls(fn, seconds: float, min_calls: int = 5, warmup: int = 3) -> np.nd
         fn()
         out.append(1000 * (time.perf_counter() - t0))
     return np.array(out)
+
+
+def time_interleaved(fns: list, seconds: float, min_calls: int = 5, warmup: int = 3) -> list[np.ndarray]:
+    """Milliseconds of each fn, called in turn (one call of each per round, after `warmup` untimed rounds) for
+    about `seconds` per fn: contention that comes and goes on a shared machine then hits every variant alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    out, start = [[] for _ in fns], time.perf_counter()
+    while len(out[0]) < min_calls or time.perf_counter() - start < seconds * len(fns):
+        for fn, ms in zip(fns, out):
+            t0 = time.perf_counter()
+            fn()
+            ms.append(1000 * (time.perf_counter() - t0))
+    return [np.array(ms) for ms in out]
 
 
 def row(kind: str, backend: str, precision: str, batch: int, nfe: int, ms: np.ndarray, **extra) -> dict:
@@ -128,7 +145,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def markdown(result: dict) -> str:
     lines = [f"# Runtime latency: {result['engine']}", "",
-             f"Machine: {result['machine']}; threads: {result['threads']}. Command: `{result['command']}`", "",
+             f"Machine: {result['machine']}; threads: {result['threads']}"
+             + (f"; load average at the end {' / '.join(f'{x:.2f}' for x in result['load_average'])} (1 / 5 / 15 min)"
+                if "load_average" in result else "")
+             + ("; variants interleaved" if result.get("interleaved") else "")
+             + f". Command: `{result['command']}`", "",
              "| kind | backend | precision | NFE | batch | p50 ms | p90 ms | images/s | FD | FD vs PyTorch |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -157,6 +178,9 @@ def main(argv=None):
     p.add_argument("--teacher", default="auto", help="teacher folder for the 50-step row ('auto': the engine's "
                                                      "teacher; 'none' to skip)")
     p.add_argument("--seconds", type=float, default=2.0, help="timing budget per cell")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the variants in turn, one request each per round, per (NFE, batch): fair comparisons "
+                        "on a machine whose other load comes and goes")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime / torch intra-op threads")
     p.add_argument("--out", type=Path, default=Path("docs/runtime_bench"))
     args = p.parse_args(argv)
@@ -168,7 +192,7 @@ def main(argv=None):
     nfes = [int(k) for k in args.nfes.split(",")] if args.nfes else first.nfes
     onnx = [k for k, v in first.manifest["files"].items() if v["path"].endswith(".onnx")]
     precisions = args.precisions.split(",") if args.precisions else onnx
-    rows, overhead = [], None
+    pipes, overhead = [], None
     for backend in args.backends.split(","):
         if backend.startswith("pytorch"):
             import torch
@@ -185,18 +209,32 @@ def main(argv=None):
                 continue
             if overhead is None and backend.startswith("onnxruntime"):
                 overhead = runtime_overhead(pipe, args.seconds)
-            for nfe in nfes:
-                for batch in batches:
-                    labels = list(np.arange(batch) % pipe.num_classes) if pipe.num_classes else None
-                    # the batch as one network call where the engine allows it (generate's default would split
-                    # it into chunks of 16; a TensorRT plan's profile caps it)
-                    chunk = min(batch, pipe.max_batch or batch)
-                    ms = time_calls(lambda pp=pipe, lab=labels, b=batch, k=nfe, c=chunk:
-                                    pp.generate(lab, n=None if lab else b, nfe=k, seed=0, batch_size=c),
-                                    args.seconds)
-                    rows.append(row("student", pipe.backend.name, pipe.precision, batch, nfe, ms,
-                                    **quality(first.manifest, precision, backend)))
-                    print(json.dumps(rows[-1]))
+            pipes.append((backend, precision, pipe))
+
+    def request(pipe, batch: int, nfe: int):
+        """One timed request: the batch as one network call where the engine allows it (generate's default
+        would split it into chunks of 16; a TensorRT plan's profile caps it)."""
+        labels = list(np.arange(batch) % pipe.num_classes) if pipe.num_classes else None
+        chunk = min(batch, pipe.max_batch or batch)
+        return lambda: pipe.generate(labels, n=None if labels else batch, nfe=nfe, seed=0, batch_size=chunk)
+
+    cells = [(i, nfe, batch) for i in range(len(pipes)) for nfe in nfes for batch in batches]
+    times = {}
+    if args.interleave:  # per (NFE, batch), every pipeline in turn
+        for nfe in nfes:
+            for batch in batches:
+                fns = [request(pipe, batch, nfe) for _, _, pipe in pipes]
+                for i, ms in enumerate(time_interleaved(fns, args.seconds)):
+                    times[i, nfe, batch] = ms
+    else:
+        for i, nfe, batch in cells:
+            times[i, nfe, batch] = time_calls(request(pipes[i][2], batch, nfe), args.seconds)
+    rows = []
+    for i, nfe, batch in cells:
+        backend, precision, pipe = pipes[i]
+        rows.append(row("student", pipe.backend.name, pipe.precision, batch, nfe, times[i, nfe, batch],
+                        **quality(first.manifest, precision, backend)))
+        print(json.dumps(rows[-1]))
     teacher = first.manifest.get("student", {}).get("teacher") if args.teacher == "auto" else args.teacher
     if teacher and teacher != "none" and Path(teacher).exists():
         rows += teacher_rows(teacher, batches, args.seconds)
@@ -211,6 +249,7 @@ def main(argv=None):
                    f"the teacher's 50 steps, images/s"] = best["images_per_s"] / t["images_per_s"]
     result = {"engine": str(args.engine), "machine": f"{cpu_name()}, {os.cpu_count()} cores", "threads": args.threads,
               "command": "python -m runtime.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+              "interleaved": args.interleave, "load_average": list(os.getloadavg()),
               "rows": rows, "overhead": overhead, "ratios": ratios}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))

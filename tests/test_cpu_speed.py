@@ -174,11 +174,13 @@ def test_bench_shows_each_variants_fd_beside_its_speed(student, tmp_path, capsys
     out = tmp_path / "bench"
     backends = "onnxruntime-cpu,openvino-cpu" if openvino_available() else "onnxruntime-cpu"
     bench.main(["--engine", str(engine), "--batches", "1", "--backends", backends, "--teacher", "none",
-                "--seconds", "0.05", "--threads", "1", "--out", str(out)])
+                "--seconds", "0.05", "--threads", "1", "--interleave", "--out", str(out)])
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     got = {(r["backend"], r["precision"]): r.get("fd_change") for r in rows}
     assert got[("onnxruntime-cpu", "fp32")] == 0.0 and got[("onnxruntime-cpu", "int8-cpu")] == -0.007
     if openvino_available():
         assert got[("openvino-cpu", "int8-cpu")] == -0.004
     text = out.with_suffix(".md").read_text()
-    assert "| FD | FD vs PyTorch |" in text and "-0.7 %" in text
+    assert "| FD | FD vs PyTorch |" in text and "-0.7 %" in text and "variants interleaved" in text
+    assert [(r["backend"], r["precision"]) for r in rows][:2] == [("onnxruntime-cpu", "fp32"),
+                                                                  ("onnxruntime-cpu", "int8-cpu")]
