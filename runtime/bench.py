@@ -5,8 +5,8 @@ Each cell times `Pipeline.generate` (the whole request: noise, loop, uint8 image
 p50 / p90 latency and images/s at p50. The runtime's overhead is measured on the first ONNX Runtime cell at batch
 1: `generate` against the bare backend call on the same inputs. Low-precision rows carry the digits FD that export's
 quality gate measured for their file (the manifest's `quality`), next to their speed, so the choice is on both.
-`--interleave` times the variants in turn (one request each per round) instead of one after the other, for fair
-comparisons on a shared machine.
+`--interleave` times the variants in turns of ~0.1 s instead of one after the other, for fair comparisons on a
+shared machine.
 Writes OUT.md, OUT.json and OUT.png.
 The PyTorch and teacher rows need torch (and the bundle / teacher on this machine); the runtime itself does not.
 """
@@ -46,18 +46,28 @@ def time_calls(fn, seconds: float, min_calls: int = 5, warmup: int = 3) -> np.nd
     return np.array(out)
 
 
-def time_interleaved(fns: list, seconds: float, min_calls: int = 5, warmup: int = 3) -> list[np.ndarray]:
-    """Milliseconds of each fn, called in turn (one call of each per round, after `warmup` untimed rounds) for
-    about `seconds` per fn: contention that comes and goes on a shared machine then hits every variant alike."""
+def time_interleaved(fns: list, seconds: float, min_calls: int = 5, warmup: int = 3,
+                     turn_s: float = 0.1, settle_s: float = 0.02) -> list[np.ndarray]:
+    """Milliseconds of each fn, the fns taking turns of about `turn_s` each for about `seconds` per fn in all:
+    contention that comes and goes on a shared machine then hits every variant alike. The first `settle_s` of a
+    turn is untimed (at least one call): ONNX Runtime's and OpenVINO's idle workers spin for a while after a call,
+    and the previous variant's would otherwise slow this one down."""
     for _ in range(warmup):
         for fn in fns:
             fn()
     out, start = [[] for _ in fns], time.perf_counter()
     while len(out[0]) < min_calls or time.perf_counter() - start < seconds * len(fns):
         for fn, ms in zip(fns, out):
-            t0 = time.perf_counter()
+            turn = time.perf_counter()
             fn()
-            ms.append(1000 * (time.perf_counter() - t0))
+            while time.perf_counter() - turn < settle_s:
+                fn()
+            while True:
+                t0 = time.perf_counter()
+                fn()
+                ms.append(1000 * (time.perf_counter() - t0))
+                if t0 - turn >= turn_s:
+                    break
     return [np.array(ms) for ms in out]
 
 
@@ -179,8 +189,8 @@ def main(argv=None):
                                                      "teacher; 'none' to skip)")
     p.add_argument("--seconds", type=float, default=2.0, help="timing budget per cell")
     p.add_argument("--interleave", action="store_true",
-                   help="time the variants in turn, one request each per round, per (NFE, batch): fair comparisons "
-                        "on a machine whose other load comes and goes")
+                   help="time the variants in turns of ~0.1 s, per (NFE, batch): fair comparisons on a machine "
+                        "whose other load comes and goes")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime / torch intra-op threads")
     p.add_argument("--out", type=Path, default=Path("docs/runtime_bench"))
     args = p.parse_args(argv)
