@@ -343,6 +343,8 @@ def markdown(result: dict) -> str:
     lines = [f"# CPU profile: {result['engine']}", "",
              f"Machine: {result['machine']}; {result['threads']} threads; load average while profiling "
              f"{result['load']}. Command: `{result['command']}`", "",
+             "What this shows and what was done about it: the README's \"CPU speed\" section. Timings on a shared "
+             "machine vary by tens of percent from minute to minute; compare variants within one table.", "",
              f"Work per image: **{result['macs_per_image'] / 1e6:.1f} M multiply-accumulates** "
              f"({', '.join(f'{k} {v / 1e6:.1f} M' for k, v in result['macs'].items())}), "
              f"{2 * result['macs_per_image'] / 1e6:.0f} MFLOP.", "", "## The CPU's measured peak", "",
