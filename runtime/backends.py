@@ -36,6 +36,10 @@ class OnnxRuntimeBackend:
         if threads:
             options.intra_op_num_threads = threads
         provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[device]
+        if device == "cuda" and hasattr(ort, "preload_dlls"):
+            # CUDA and cuDNN from the nvidia-* wheels (how onnxruntime-gpu's [cuda] extra and PyTorch ship them) are
+            # not on the loader's path; ONNX Runtime loads them from site-packages itself, without torch
+            ort.preload_dlls()
         if provider not in ort.get_available_providers():
             raise UserError(f"ONNX Runtime here has no {provider}; install onnxruntime-gpu for CUDA, or use "
                             "backend='onnxruntime-cpu'")
@@ -61,25 +65,70 @@ class OnnxRuntimeBackend:
 
 
 class TorchBackend:
-    """The PyTorch student (the bundle the engine was exported from), on the same graph inputs: the reference."""
+    """The PyTorch student (the bundle the engine was exported from), on the same graph inputs: the reference.
 
-    def __init__(self, bundle_dir: str | None, device: str = "cpu", compile: bool = False):
+    On CUDA when torch sees a GPU. `precision` fp16 runs the module export's fp16 file was made from (HalfGraph:
+    fp16 weights and compute, fp32 inputs and output), so it compares like with like. `mode`:
+    - "eager": plain calls;
+    - "compiled": `torch.compile` (default mode);
+    - "cudagraph": CUDA only; one graph captured per input shape on first use, then replayed (inputs copied into
+      the graph's static tensors). Replays share those tensors, so calls are serialized by a lock.
+    """
+
+    def __init__(self, bundle_dir: str | None, mode: str = "eager", precision: str = "fp32", device: str | None = None):
+        import threading
+
         import torch
 
         from distill.bundle import load_bundle
-        from export.onnx import GraphStudent
+        from export.onnx import GraphStudent, HalfGraph
 
         if not bundle_dir or not Path(bundle_dir).is_dir():
             raise UserError(f"the PyTorch backend needs the student bundle this engine came from ({bundle_dir}), "
                             "which is not on this machine; use an ONNX Runtime backend")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if mode == "cudagraph" and device != "cuda":
+            raise UserError("the pytorch-cudagraph backend needs a CUDA GPU (torch sees none); use pytorch")
+        if precision not in ("fp32", "fp16"):
+            raise UserError(f"the PyTorch backend runs fp32 or fp16, not {precision}")
+        if precision == "fp16" and device != "cuda":
+            raise UserError("the PyTorch backend runs fp16 on CUDA only (the CPU has no fast fp16 convolutions)")
         self.torch = torch
         self.device = device
-        self.name = f"pytorch-{device}" + ("-compiled" if compile else "")
-        self.model = GraphStudent(load_bundle(bundle_dir)).eval().to(device)
-        self.call = torch.compile(self.model) if compile else self.model
+        self.mode = mode
+        self.name = f"pytorch-{device}" + ("" if mode == "eager" else f"-{mode}")
+        graph = GraphStudent(load_bundle(bundle_dir)).eval()
+        self.input_names = graph.input_names
+        self.model = (HalfGraph(graph) if precision == "fp16" else graph).eval().to(device)
+        self.call = torch.compile(self.model) if mode == "compiled" else self.model
+        self.graphs = {}  # cudagraph: input shapes -> (graph, static inputs, static output)
+        self.lock = threading.Lock()
 
     def run(self, feed: dict) -> np.ndarray:
         torch = self.torch
+        args = [torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.input_names]
+        if self.mode == "cudagraph":
+            with self.lock:
+                graph, inputs, output = self.graphs.get(tuple(a.shape for a in args)) or self.capture(args)
+                for dst, src in zip(inputs, args):
+                    dst.copy_(src, non_blocking=False)
+                graph.replay()
+                return output.float().cpu().numpy()
         with torch.inference_mode():
-            args = [torch.from_numpy(np.ascontiguousarray(feed[n])).to(self.device) for n in self.model.input_names]
-            return self.call(*args).float().cpu().numpy()
+            return self.call(*[a.to(self.device) for a in args]).float().cpu().numpy()
+
+    def capture(self, args):
+        """Capture one graph for these input shapes (after warm-up calls on a side stream, as CUDA graphs need)."""
+        torch = self.torch
+        inputs = [a.to(self.device) for a in args]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(3):
+                self.model(*inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            output = self.model(*inputs)
+        self.graphs[tuple(a.shape for a in args)] = entry = (graph, inputs, output)
+        return entry

@@ -26,6 +26,15 @@ from .openvino import openvino_available
 from .pipeline import Pipeline
 
 
+def gpu_name() -> str | None:
+    """The GPU's name when torch is importable and sees one (the runtime itself does not need torch)."""
+    if "torch" not in sys.modules:
+        return None
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def cpu_name() -> str:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -84,7 +93,7 @@ def quality(manifest: dict, precision: str, backend: str) -> dict:
     files = manifest["files"]
     if backend.startswith("pytorch"):
         q = next((f["quality"] for f in files.values() if "quality" in f), None)
-        return {"fd": q["fd_pytorch_fp32"], "fd_change": 0.0} if q else {}
+        return {"fd": q["fd_pytorch_fp32"], "fd_change": 0.0} if q and precision == "fp32" else {}
     entry = files.get(precision, {})
     # OpenVINO runs int8 with its own rounding: its FD is the gate's run through it (quality_openvino); a file made
     # for OpenVINO (bf16) has it as its quality
@@ -113,20 +122,22 @@ def runtime_overhead(pipe: Pipeline, seconds: float) -> dict:
 
 
 def teacher_rows(teacher_dir: str, batches: list[int], seconds: float, steps: int = 50) -> list[dict]:
-    """The teacher's DPM-Solver++(2M) at `steps` network calls (guided as its baselines were), per batch."""
+    """The teacher's DPM-Solver++(2M) at `steps` network calls (guided as its baselines were), per batch, on the
+    GPU when torch sees one."""
     import torch
 
     from distill.adapters import load_teacher
     from distill.sample import sample_teacher
 
-    teacher = load_teacher(teacher_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher = load_teacher(teacher_dir).to(device)
     rows = []
     for batch in batches:
         labels = torch.arange(batch) % teacher.num_classes if teacher.num_classes else None
         ms = time_calls(lambda b=batch, lab=labels: sample_teacher(teacher, "dpmpp-2m", steps, b, lab,
                                                                    progress=False),
                         seconds, min_calls=2, warmup=1)
-        rows.append(row("teacher", "pytorch-cpu", "fp32", batch, steps, ms, sampler="dpmpp-2m"))
+        rows.append(row("teacher", f"pytorch-{device}", "fp32", batch, steps, ms, sampler="dpmpp-2m"))
     return rows
 
 
@@ -187,6 +198,7 @@ def main(argv=None):
                    help="runtime backends to time (openvino-cpu needs openvino; pytorch* the bundle and torch)")
     p.add_argument("--teacher", default="auto", help="teacher folder for the 50-step row ('auto': the engine's "
                                                      "teacher; 'none' to skip)")
+    p.add_argument("--bundle", help="the student bundle for the pytorch* rows (default: the path in the manifest)")
     p.add_argument("--seconds", type=float, default=2.0, help="timing budget per cell")
     p.add_argument("--interleave", action="store_true",
                    help="time the variants in turns of ~0.1 s, per (NFE, batch): fair comparisons on a machine "
@@ -211,9 +223,11 @@ def main(argv=None):
         if backend == "openvino-cpu" and not openvino_available():
             print("skipped openvino-cpu: OpenVINO is not installed (pip install openvino, or the [cpu] extra)")
             continue
-        for precision in precisions if backend.startswith(("onnxruntime", "openvino")) else ["fp32"]:
+        if backend.startswith("pytorch"):  # the PyTorch student in fp32, and in fp16 beside an fp16 file on a GPU
+            mine = ["fp32"] + (["fp16"] if "fp16" in precisions and torch.cuda.is_available() else [])
+        for precision in precisions if backend.startswith(("onnxruntime", "openvino")) else mine:
             try:
-                pipe = Pipeline.load(args.engine, backend, precision, threads=args.threads)
+                pipe = Pipeline.load(args.engine, backend, precision, threads=args.threads, bundle=args.bundle)
             except UserError as e:
                 print(f"skipped {backend} {precision}: {e}")
                 continue
@@ -257,7 +271,8 @@ def main(argv=None):
         if best and t:
             ratios[f"batch {batch}: best student ({best['backend']} {best['precision']}, NFE {best['nfe']}) vs "
                    f"the teacher's 50 steps, images/s"] = best["images_per_s"] / t["images_per_s"]
-    result = {"engine": str(args.engine), "machine": f"{cpu_name()}, {os.cpu_count()} cores", "threads": args.threads,
+    result = {"engine": str(args.engine), "machine": f"{cpu_name()}, {os.cpu_count()} cores"
+              + (f", {gpu_name()}" if gpu_name() else ""), "threads": args.threads,
               "command": "python -m runtime.bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "interleaved": args.interleave, "load_average": list(os.getloadavg()),
               "rows": rows, "overhead": overhead, "ratios": ratios}

@@ -26,7 +26,8 @@ from .convention import x0_from_output
 from .errors import UserError
 from .manifest import read_manifest
 
-BACKENDS = ("auto", "onnxruntime-cpu", "onnxruntime-cuda", "openvino-cpu", "tensorrt", "pytorch", "pytorch-compiled")
+BACKENDS = ("auto", "onnxruntime-cpu", "onnxruntime-cuda", "openvino-cpu", "tensorrt", "pytorch", "pytorch-compiled",
+            "pytorch-cudagraph")
 MAX_SEED = 2**63 - 1
 
 
@@ -83,8 +84,9 @@ class Pipeline:
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", precision: str = "fp32",
-             threads: int | None = None) -> "Pipeline":
-        """Open an engine folder once; the pipeline is then shared by every request (and thread)."""
+             threads: int | None = None, bundle: str | Path | None = None) -> "Pipeline":
+        """Open an engine folder once; the pipeline is then shared by every request (and thread). `bundle`: the
+        student bundle for the PyTorch backends, where it is not at the path the manifest recorded at export."""
         engine_dir = Path(engine_dir)
         manifest = read_manifest(engine_dir)
         files = manifest["files"]
@@ -102,8 +104,9 @@ class Pipeline:
                                 f"{', '.join(k for k in files if k.startswith('trt_')) or 'none'}")
             return cls(manifest, engine_dir, TensorRTBackend(engine_dir / entry["path"], manifest), precision)
         if name.startswith("pytorch"):
-            bundle = manifest.get("student", {}).get("bundle")
-            return cls(manifest, engine_dir, TorchBackend(bundle, compile=name.endswith("compiled")), "fp32")
+            bundle = bundle or manifest.get("student", {}).get("bundle")
+            mode = name.removeprefix("pytorch").removeprefix("-") or "eager"
+            return cls(manifest, engine_dir, TorchBackend(bundle, mode, precision), precision)
         entry = files.get(precision)
         if entry is None or not entry["path"].endswith(".onnx"):
             onnx = [k for k, v in files.items() if v["path"].endswith(".onnx")]

@@ -111,7 +111,7 @@ def test_backends_agree(engines):
     engine = engines["sfd-v"][1]
     onnx = Pipeline.load(engine, backend="onnxruntime-cpu").generate([0, 1, 2], seed=3).images
     torch_ref = Pipeline.load(engine, backend="pytorch")
-    assert torch_ref.backend.name == "pytorch-cpu"
+    assert torch_ref.backend.name == ("pytorch-cuda" if torch.cuda.is_available() else "pytorch-cpu")
     assert np.abs(torch_ref.generate([0, 1, 2], seed=3).images.astype(int) - onnx).max() <= 1
     auto = Pipeline.load(engine)  # no GPU and no TensorRT here: auto means ONNX Runtime on the CPU
     assert "onnxruntime" in auto.describe()
