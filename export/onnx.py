@@ -18,6 +18,7 @@ TensorRT builds on these files.
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distill.bundle import load_bundle
@@ -127,6 +129,25 @@ def needs_external_data(weight_bytes: float) -> bool:
     return weight_bytes > EXTERNAL_DATA_BYTES
 
 
+@contextlib.contextmanager
+def constant_attention_scale():
+    """Attention's softmax scale as a constant in the graph. Without an explicit `scale`, the exporter computes
+    1/sqrt(head_dim) from the query's runtime shape (Shape -> Sqrt); ONNX Runtime puts those shape ops on the CPU,
+    so on CUDA every attention block waited for a host-to-device copy, and the copies ruled out CUDA graphs. The
+    head dimension is static, so the scale is too."""
+    sdpa = F.scaled_dot_product_attention
+
+    def with_scale(query, key, value, *args, scale=None, **kwargs):
+        scale = float(query.shape[-1]) ** -0.5 if scale is None else scale
+        return sdpa(query, key, value, *args, scale=scale, **kwargs)
+
+    F.scaled_dot_product_attention = with_scale
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
 def export_graph(model: nn.Module, feed: dict, path: Path) -> None:
     """Trace `model` (with `input_names` / `output_names`, batch first everywhere) on `feed` into `path`; weights
     past EXTERNAL_DATA_BYTES go to one external file, `path.name + ".data"`, beside it."""
@@ -144,8 +165,10 @@ def export_graph(model: nn.Module, feed: dict, path: Path) -> None:
     target.parent.mkdir(exist_ok=True)
     # The TorchScript exporter: diffusers UNets and CLIP trace cleanly through it, it needs no onnxscript, and at
     # opset 17 it decomposes scaled_dot_product_attention into MatMul / Softmax (it does from opset 14 on).
-    torch.onnx.export(model, args, str(target), input_names=model.input_names, output_names=model.output_names,
-                      dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    with constant_attention_scale():
+        torch.onnx.export(model, args, str(target), input_names=model.input_names,
+                          output_names=model.output_names, dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True)
     if large:
         onnx.save_model(onnx.load(str(target)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)

@@ -9,6 +9,7 @@
 """
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,26 +26,40 @@ def onnxruntime_providers() -> list[str]:
 
 
 class OnnxRuntimeBackend:
-    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None):
+    """`device` "cpu" or "cuda". `cuda_graph` (CUDA only): one session per batch size, captured as a CUDA graph on its
+    first call and replayed after (ONNX Runtime's enable_cuda_graph: inputs and output bound to fixed device
+    buffers, updated in place); calls of one batch size share those buffers, so they are serialized by a lock."""
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, cuda_graph: bool = False):
         import onnxruntime as ort
 
+        self.ort = ort
+        self.path = path
         self.device = device
-        self.name = f"onnxruntime-{device}"
-        options = ort.SessionOptions()
+        self.cuda_graph = cuda_graph
+        self.name = "onnxruntime-cudagraph" if cuda_graph else f"onnxruntime-{device}"
+        if cuda_graph and device != "cuda":
+            raise UserError("ONNX Runtime's CUDA graphs need a GPU: backend onnxruntime-cudagraph runs on CUDA")
+        self.options = ort.SessionOptions()
         # intra-op threads: all physical cores by default (ORT's own default); FEWSTEP_THREADS or `threads` override
         threads = threads or int(os.environ.get("FEWSTEP_THREADS", "0"))
         if threads:
-            options.intra_op_num_threads = threads
+            self.options.intra_op_num_threads = threads
+        if device == "cuda":
+            # the CPU only runs shape ops here: threads that spin between calls would take cores from the host code
+            self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if hasattr(ort, "preload_dlls"):
+                # CUDA and cuDNN from the nvidia-* wheels (how onnxruntime-gpu's [cuda] extra and PyTorch ship them)
+                # are not on the loader's path; ONNX Runtime loads them from site-packages itself, without torch
+                ort.preload_dlls()
         provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[device]
-        if device == "cuda" and hasattr(ort, "preload_dlls"):
-            # CUDA and cuDNN from the nvidia-* wheels (how onnxruntime-gpu's [cuda] extra and PyTorch ship them) are
-            # not on the loader's path; ONNX Runtime loads them from site-packages itself, without torch
-            ort.preload_dlls()
         if provider not in ort.get_available_providers():
             raise UserError(f"ONNX Runtime here has no {provider}; install onnxruntime-gpu for CUDA, or use "
                             "backend='onnxruntime-cpu'")
-        self.session = ort.InferenceSession(str(path), options, providers=[provider])
+        self.session = ort.InferenceSession(str(path), self.options, providers=[provider])
         self.output = self.session.get_outputs()[0].name
+        self.graphs = {}  # cuda_graph: batch size -> (session, binding, input OrtValues, output OrtValue, lock)
+        self.lock = threading.Lock()
 
     def run_all(self, feed: dict) -> dict:
         """Every output of the graph by name (text encoders have two), on the CPU provider's plain path."""
@@ -54,6 +69,8 @@ class OnnxRuntimeBackend:
     def run(self, feed: dict) -> np.ndarray:
         if self.device == "cpu":
             return self.session.run([self.output], feed)[0]
+        if self.cuda_graph:
+            return self.replay(feed)
         # CUDA: inputs copied once to the device, the output bound there and copied back once (no
         # per-tensor allocations by the session); a binding per call keeps concurrent calls independent.
         binding = self.session.io_binding()
@@ -62,6 +79,34 @@ class OnnxRuntimeBackend:
         binding.bind_output(self.output, "cuda")
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
+
+    def replay(self, feed: dict) -> np.ndarray:
+        batch = len(next(iter(feed.values())))
+        with self.lock:
+            if batch not in self.graphs:
+                self.graphs[batch] = self.capture(feed)
+        session, binding, inputs, output, lock = self.graphs[batch]
+        with lock:
+            for name, value in feed.items():
+                inputs[name].update_inplace(np.ascontiguousarray(value))
+            session.run_with_iobinding(binding)
+            return output.numpy()
+
+    def capture(self, feed: dict):
+        """A session for this batch size whose first run captures the CUDA graph (ONNX Runtime then replays it)."""
+        ort = self.ort
+        session = ort.InferenceSession(str(self.path), self.options,
+                                       providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"})])
+        inputs = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", 0)
+                  for name, value in feed.items()}
+        shape = list(feed["x"].shape)  # the prediction has the shape of x
+        output = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", 0)
+        binding = session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(self.output, output)
+        session.run_with_iobinding(binding)  # capture
+        return session, binding, inputs, output, threading.Lock()
 
 
 class TorchBackend:
@@ -76,8 +121,6 @@ class TorchBackend:
     """
 
     def __init__(self, bundle_dir: str | None, mode: str = "eager", precision: str = "fp32", device: str | None = None):
-        import threading
-
         import torch
 
         from distill.bundle import load_bundle
@@ -96,7 +139,8 @@ class TorchBackend:
         self.torch = torch
         self.device = device
         self.mode = mode
-        self.name = f"pytorch-{device}" + ("" if mode == "eager" else f"-{mode}")
+        self.name = {"eager": f"pytorch-{device}", "compiled": f"pytorch-{device}-compiled",
+                     "cudagraph": "pytorch-cudagraph"}[mode]
         graph = GraphStudent(load_bundle(bundle_dir)).eval()
         self.input_names = graph.input_names
         self.model = (HalfGraph(graph) if precision == "fp16" else graph).eval().to(device)

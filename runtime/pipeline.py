@@ -26,8 +26,8 @@ from .convention import x0_from_output
 from .errors import UserError
 from .manifest import read_manifest
 
-BACKENDS = ("auto", "onnxruntime-cpu", "onnxruntime-cuda", "openvino-cpu", "tensorrt", "pytorch", "pytorch-compiled",
-            "pytorch-cudagraph")
+BACKENDS = ("auto", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-cudagraph", "openvino-cpu", "tensorrt",
+            "pytorch", "pytorch-compiled", "pytorch-cudagraph")
 MAX_SEED = 2**63 - 1
 
 
@@ -118,8 +118,12 @@ class Pipeline:
 
             backend = OpenVinoBackend(engine_dir / entry["path"], entry.get("inference_precision", "f32"), threads)
             return cls(manifest, engine_dir, backend, precision)
-        device = name.removeprefix("onnxruntime-")
-        pipe = cls(manifest, engine_dir, OnnxRuntimeBackend(engine_dir / entry["path"], device, threads), precision)
+        graph = name == "onnxruntime-cudagraph"
+        device = "cuda" if graph else name.removeprefix("onnxruntime-")
+        if text and graph:
+            raise UserError("CUDA graphs serve the UNet of class-conditional engines only; use onnxruntime-cuda")
+        backend = OnnxRuntimeBackend(engine_dir / entry["path"], device, threads, cuda_graph=graph)
+        pipe = cls(manifest, engine_dir, backend, precision)
         if text:
             from .text import TextParts
 

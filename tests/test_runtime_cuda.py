@@ -41,7 +41,7 @@ def test_pytorch_on_cuda_eager_and_graph_replay_match_the_cpu(engines, kind):
     ref = cpu_images(engine)
     for backend in ("pytorch", "pytorch-cudagraph"):
         pipe = Pipeline.load(engine, backend=backend)
-        assert pipe.backend.name.startswith("pytorch-cuda")
+        assert pipe.backend.name in ("pytorch-cuda", "pytorch-cudagraph")
         assert levels_apart(pipe.generate(LABELS, seed=7).images, ref) <= 1, backend
     half = Pipeline.load(engine, backend="pytorch", precision="fp16").generate(LABELS, seed=7).images
     assert levels_apart(half, ref) <= 8  # fp16 compute: a few levels at most on these tiny random networks
@@ -73,3 +73,16 @@ def test_onnxruntime_cuda_matches_the_cpu(engines, kind):
     pipe = Pipeline.load(engine, backend="onnxruntime-cuda")
     assert pipe.backend.name == "onnxruntime-cuda"
     assert levels_apart(pipe.generate(LABELS, seed=7).images, cpu_images(engine)) <= 1
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in onnxruntime_providers(),
+                    reason="onnxruntime-gpu (the CUDA execution provider) is not installed")
+def test_onnxruntime_cuda_graph_replays_per_batch_size(engines):
+    engine = engines["dmd2"][1]
+    pipe = Pipeline.load(engine, backend="onnxruntime-cudagraph")
+    ref = cpu_images(engine)
+    assert levels_apart(pipe.generate(LABELS, seed=7).images, ref) <= 1  # captured at batch 5
+    assert levels_apart(pipe.generate(LABELS, seed=7).images, ref) <= 1  # replayed with new inputs
+    assert levels_apart(pipe.generate(LABELS, seed=7, batch_size=2).images, ref) <= 1  # batches of 2 and 1
+    assert sorted(pipe.backend.graphs) == [1, 2, 5]
+    assert not np.array_equal(pipe.generate(LABELS, seed=8).images, ref)  # the replay reads the new noise
