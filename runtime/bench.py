@@ -114,8 +114,9 @@ def runtime_overhead(pipe: Pipeline, seconds: float) -> dict:
         feed["nfe"] = np.full(1, nfe, np.int64)
     calls = nfe  # NFE counts network calls (SFD's analytical first step makes none)
     labels = [0] if pipe.num_classes else None
-    bare = time_calls(lambda: pipe.backend.run(feed), seconds)
-    full = time_calls(lambda: pipe.generate(labels, n=None if labels else 1, nfe=nfe, seed=0), seconds)
+    # interleaved: on a shared machine, load that comes and goes would otherwise land on one side only
+    bare, full = time_interleaved([lambda: pipe.backend.run(feed),
+                                   lambda: pipe.generate(labels, n=None if labels else 1, nfe=nfe, seed=0)], seconds)
     b, f = float(np.median(bare)) * calls, float(np.median(full))
     return {"nfe": nfe, "network_calls": calls, "bare_backend_ms": round(b, 4), "generate_ms": round(f, 4),
             "overhead": round(f / b - 1, 4), "backend": pipe.backend.name, "precision": pipe.precision}

@@ -31,26 +31,31 @@ def splitmix64(z: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def normals(seed: int, ids: np.ndarray, count: int) -> np.ndarray:
+    """float32 (*ids.shape, count): `count` elements of each draw id = image * MAX_DRAWS + draw, all at once."""
+    pairs = (count + 1) // 2
+    with np.errstate(over="ignore"):
+        keys = splitmix64(splitmix64(np.uint64(seed % 2**64)) ^ np.asarray(ids, dtype=np.uint64))
+        bits = splitmix64(keys[..., None] + np.arange(2 * pairs, dtype=np.uint64))
+    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
+    r = np.sqrt(-2.0 * np.log(u[..., 0::2]))
+    angle = 2.0 * np.pi * u[..., 1::2]
+    z = np.stack([r * np.cos(angle), r * np.sin(angle)], axis=-1).reshape(*keys.shape, 2 * pairs)[..., :count]
+    return z.astype(np.float32)
+
+
 def gaussian(seed: int, image: int, draw: int, shape: tuple[int, ...]) -> np.ndarray:
     """One draw of unit Gaussian noise (float32, `shape`) for one image of a request."""
     if not 0 <= draw < MAX_DRAWS:
         raise ValueError(f"draw must lie in 0..{MAX_DRAWS - 1}")
-    with np.errstate(over="ignore"):
-        key = splitmix64(splitmix64(np.uint64(seed % 2**64)) ^ np.uint64(image * MAX_DRAWS + draw))
-        count = int(np.prod(shape))
-        pairs = (count + 1) // 2
-        bits = splitmix64(key + np.arange(2 * pairs, dtype=np.uint64))
-    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
-    r = np.sqrt(-2.0 * np.log(u[0::2]))
-    angle = 2.0 * np.pi * u[1::2]
-    z = np.stack([r * np.cos(angle), r * np.sin(angle)], axis=1).reshape(-1)[:count]
-    return z.astype(np.float32).reshape(shape)
+    return normals(seed, np.array(image * MAX_DRAWS + draw), int(np.prod(shape))).reshape(shape)
 
 
 def request_noise(seed: int, start: int, count: int, draws: int, shape: tuple[int, ...]) -> np.ndarray:
-    """(count, draws, *shape) float32: every draw of images start..start+count-1 of a request."""
-    out = np.empty((count, draws, *shape), np.float32)
-    for j in range(count):
-        for d in range(draws):
-            out[j, d] = gaussian(seed, start + j, d, shape)
-    return out
+    """(count, draws, *shape) float32: every draw of images start..start+count-1 of a request, in one pass (the
+    same numbers as gaussian() image by image and draw by draw)."""
+    if not 0 <= draws <= MAX_DRAWS:
+        raise ValueError(f"draws must lie in 0..{MAX_DRAWS}")
+    ids = np.arange(start, start + count, dtype=np.uint64)[:, None] * np.uint64(MAX_DRAWS) \
+        + np.arange(draws, dtype=np.uint64)[None, :]
+    return normals(seed, ids, int(np.prod(shape))).reshape(count, draws, *shape)
