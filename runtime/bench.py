@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError, cli_main
+from .noise import request_noise
 from .openvino import openvino_available
 from .pipeline import Pipeline
 
@@ -106,7 +107,9 @@ def runtime_overhead(pipe: Pipeline, seconds: float) -> dict:
     """generate() at NFE 1 (or the fewest served), batch 1, against the bare backend call on the same feed."""
     nfe = pipe.nfes[0]
     schedule = pipe.schedule(nfe)
-    feed = {"x": np.zeros((1, *pipe.x_shape), np.float32), "sigma": np.full(1, schedule["sigmas"][0], np.float32),
+    # the input generate's first call feeds (seed 0, image 0): the bare call runs on the same numbers
+    x = request_noise(0, 0, 1, 1, pipe.x_shape)[:, 0].astype(np.float64) * schedule["sigmas"][0]
+    feed = {"x": x.astype(np.float32), "sigma": np.full(1, schedule["sigmas"][0], np.float32),
             "timestep": np.full(1, schedule["timesteps"][0], np.float32)}
     if "class_labels" in pipe.inputs:
         feed["class_labels"] = np.zeros(1, np.int64)

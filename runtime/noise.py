@@ -31,12 +31,21 @@ def splitmix64(z: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def splitmix64_int(z: int) -> int:
+    """splitmix64 on one Python int (the seed's own mix: cheaper than a numpy scalar on the per-request path)."""
+    mask = 2**64 - 1
+    z = (z + GOLDEN) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
 def normals(seed: int, ids: np.ndarray, count: int) -> np.ndarray:
     """float32 (*ids.shape, count): `count` elements of each draw id = image * MAX_DRAWS + draw, all at once."""
     pairs = (count + 1) // 2
-    with np.errstate(over="ignore"):
-        keys = splitmix64(splitmix64(np.uint64(seed % 2**64)) ^ np.asarray(ids, dtype=np.uint64))
-        bits = splitmix64(keys[..., None] + np.arange(2 * pairs, dtype=np.uint64))
+    ids = np.asarray(ids, dtype=np.uint64)
+    keys = splitmix64(np.uint64(splitmix64_int(seed % 2**64)) ^ ids)
+    bits = splitmix64(keys[..., None] + np.arange(2 * pairs, dtype=np.uint64))
     u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
     r = np.sqrt(-2.0 * np.log(u[..., 0::2]))
     angle = 2.0 * np.pi * u[..., 1::2]

@@ -158,7 +158,8 @@ class Pipeline:
                 raise UserError("give n >= 1, the number of images")
             return None
         if conditions is None or isinstance(conditions, str) or \
-                any(isinstance(c, str) for c in np.atleast_1d(np.asarray(conditions, dtype=object))):
+                any(isinstance(c, str) for c in (conditions if isinstance(conditions, (list, tuple)) else
+                                                 np.atleast_1d(np.asarray(conditions, dtype=object)))):
             raise UserError(f"this engine is class-conditional: give class labels in 0..{self.num_classes - 1}, "
                             "not prompts")
         labels = np.atleast_1d(np.asarray(conditions))
