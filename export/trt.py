@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from distill.errors import UserError, cli_main
-from export.onnx import ENGINE_MANIFEST, PRECISIONS, GraphStudent, export_onnx, loop_inputs, within_tolerance
+from export.onnx import ENGINE_MANIFEST, GraphStudent, export_onnx, loop_inputs, within_tolerance
+
+TRT_PRECISIONS = ("fp32", "fp16", "int8")  # the ONNX files a strongly typed TensorRT network takes as they are
 
 DEFAULT_BATCH = "1:1:16"  # latency at batch 1, with room for small batches of requests
 ONNX_CHECK_BATCH = 4  # export.onnx's parity batch: the plans are checked on the same calls where the profile allows
@@ -243,6 +245,10 @@ def export_trt(bundle_dir: str | Path, out_dir: str | Path, nfe: int | None = No
 
     out_dir = Path(out_dir)
     precisions = tuple(dict.fromkeys(precisions))  # "fp16,fp16" builds one plan
+    other = [p for p in precisions if p not in TRT_PRECISIONS]
+    if other:  # int8-cpu and bf16 are CPU files (ONNX Runtime's U8S8 layout, OpenVINO's bf16 mode)
+        raise UserError(f"TensorRT plans are built from the {', '.join(TRT_PRECISIONS)} files, not {', '.join(other)} "
+                        "(CPU variants: make them with python -m export.onnx)")
     export_onnx(bundle_dir, out_dir, nfe, precisions)
     missing = tensorrt_missing_reason()
     if missing is not None:
@@ -313,7 +319,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help="engine folder (default: BUNDLE/../engine)")
     p.add_argument("--nfe", type=int, help="the schedule the engine serves (default: the most the student serves)")
     p.add_argument("--precision", default="fp32",
-                   help=f"comma-separated, from {', '.join(PRECISIONS)}: which ONNX file each plan is built from")
+                   help=f"comma-separated, from {', '.join(TRT_PRECISIONS)}: which ONNX file each plan is built from")
     p.add_argument("--batch", default=DEFAULT_BATCH,
                    help=f"MIN:OPT:MAX batch sizes of the plan, or one size (default {DEFAULT_BATCH})")
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file, read before and updated after each "

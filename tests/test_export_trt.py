@@ -68,7 +68,8 @@ def test_bad_batch_fails_first_in_one_line(tmp_path, capsys):
 
 def test_bad_bundle_or_nfe_is_one_line_and_writes_nothing(bundle, tmp_path, capsys):
     cases = {"no_manifest": (["--bundle", str(tmp_path)], "no fewstep_student.json"),
-             "nfe": (["--bundle", str(bundle), "--nfe", "4"], "serves NFE 1, 2")}
+             "nfe": (["--bundle", str(bundle), "--nfe", "4"], "serves NFE 1, 2"),
+             "cpu_precision": (["--bundle", str(bundle), "--precision", "fp16,int8-cpu"], "not int8-cpu")}
     for name, (argv, expected) in cases.items():
         code, _, err = run_main(export_trt.main, argv + ["--out", str(tmp_path / name)], capsys)
         lines = err.strip().splitlines()
