@@ -47,12 +47,12 @@ class Request:
 
 
 def available_backends(manifest: dict) -> list[str]:
-    """ONNX Runtime on the CPU, plus CUDA where onnxruntime-gpu sees a GPU and PyTorch where torch and the student
-    bundle the engine came from are both on this machine."""
+    """ONNX Runtime on the CPU, plus CUDA (with and without CUDA graphs) where onnxruntime-gpu sees a GPU, and
+    PyTorch where torch and the student bundle the engine came from are both on this machine."""
     providers = onnxruntime_providers()
     backends = ["onnxruntime-cpu"] if "CPUExecutionProvider" in providers else []
     if "CUDAExecutionProvider" in providers:
-        backends.append("onnxruntime-cuda")
+        backends += ["onnxruntime-cuda", "onnxruntime-cudagraph"]
     bundle = manifest.get("student", {}).get("bundle")
     if find_spec("torch") is not None and bundle and Path(bundle).is_dir():
         backends.append("pytorch")
