@@ -6,11 +6,24 @@ the last step outside the graph keeps the graph well conditioned: at the top sig
 multiplies any error in eps by sigma, which is a property of the formula, not of the engine.
 """
 
+import math
+
 import numpy as np
 
 
-def x0_from_output(out: np.ndarray, x: np.ndarray, sigma: np.ndarray, prediction_type: str) -> np.ndarray:
-    """x0 from a VP model's raw output at x_vp = x / sqrt(1 + sigma^2), x in VE form; sigma (N,)."""
+def x0_from_output(out: np.ndarray, x: np.ndarray, sigma, prediction_type: str) -> np.ndarray:
+    """x0 from a VP model's raw output at x_vp = x / sqrt(1 + sigma^2), x in VE form; sigma (N,), or one number for
+    the whole batch (the runtime's loop: the same formulas on Python floats, so the same float64 result in fewer
+    array operations; this runs on every step of every request)."""
+    if np.ndim(sigma) == 0:
+        s, out = float(sigma), out.astype(np.float64)
+        if prediction_type == "epsilon":
+            return x - s * out
+        if prediction_type == "v_prediction":
+            return x / (1 + s * s) - s / math.sqrt(1 + s * s) * out
+        if prediction_type == "sample":
+            return out
+        raise ValueError(f"unknown prediction type {prediction_type!r}")
     s = np.asarray(sigma, dtype=np.float64).reshape(-1, *([1] * (x.ndim - 1)))
     out, x = out.astype(np.float64), x.astype(np.float64)
     if prediction_type == "epsilon":

@@ -44,7 +44,11 @@ def normals(seed: int, ids: np.ndarray, count: int) -> np.ndarray:
     """float32 (*ids.shape, count): `count` elements of each draw id = image * MAX_DRAWS + draw, all at once."""
     pairs = (count + 1) // 2
     ids = np.asarray(ids, dtype=np.uint64)
-    keys = splitmix64(np.uint64(splitmix64_int(seed % 2**64)) ^ ids)
+    mix = splitmix64_int(seed % 2**64)
+    if ids.size <= 16:  # a small request: its keys in Python ints beat a dozen numpy calls on a tiny array
+        keys = np.array([splitmix64_int(mix ^ int(i)) for i in ids.flat], dtype=np.uint64).reshape(ids.shape)
+    else:
+        keys = splitmix64(np.uint64(mix) ^ ids)
     bits = splitmix64(keys[..., None] + np.arange(2 * pairs, dtype=np.uint64))
     u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
     r = np.sqrt(-2.0 * np.log(u[..., 0::2]))

@@ -157,6 +157,9 @@ class Pipeline:
             if n is None or n < 1:
                 raise UserError("give n >= 1, the number of images")
             return None
+        if isinstance(conditions, (list, tuple)) and conditions and \
+                all(type(c) is int and 0 <= c < self.num_classes for c in conditions):
+            return np.array(conditions, dtype=np.int64)  # the common case, without the array checks below
         if conditions is None or isinstance(conditions, str) or \
                 any(isinstance(c, str) for c in (conditions if isinstance(conditions, (list, tuple)) else
                                                  np.atleast_1d(np.asarray(conditions, dtype=object)))):
@@ -227,7 +230,8 @@ class Pipeline:
         t0 = time.perf_counter()
         out = self.backend.run(feed)
         ms = 1000 * (time.perf_counter() - t0)
-        return x0_from_output(out, x, feed["sigma"], self.manifest["prediction_type"]), ms
+        # one sigma for the batch, as fed (float32): the scalar form of the same float64 arithmetic
+        return x0_from_output(out, x, feed["sigma"][0], self.manifest["prediction_type"]), ms
 
     def sample(self, schedule: dict, noise: np.ndarray, cond: dict) -> tuple[np.ndarray, np.ndarray, float]:
         """The manifest's loop on one chunk (`cond`: the condition inputs, see denoise): (x0 (N, C, H, W) float64,

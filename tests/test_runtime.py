@@ -46,6 +46,20 @@ def test_import_runtime_loads_no_torch():
     assert out.strip() == "[]"
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_x0_for_one_sigma_is_the_per_sample_formula_bit_for_bit(prediction_type):
+    from runtime.convention import x0_from_output
+
+    rng = np.random.default_rng(0)
+    for s in (153.9, 3.7, 0.01):
+        x = rng.standard_normal((4, 1, 16, 16)) * s
+        out = rng.standard_normal((4, 1, 16, 16)).astype(np.float32)
+        sigma = np.full(4, s, np.float32)
+        per_sample = x0_from_output(out, x, sigma, prediction_type)
+        one = x0_from_output(out, x, sigma[0], prediction_type)
+        assert one.dtype == np.float64 and np.array_equal(one, per_sample)
+
+
 def test_noise_is_the_documented_generator():
     # splitmix64 reference values (Vigna's splitmix64.c seeded with 0: the first outputs)
     state = np.uint64(0)
