@@ -8,6 +8,16 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def exact_fp32_cuda():
+    """TF32 off for the test: with it, CUDA matmuls and convolutions differ from the CPU by ~1e-3, and the CUDA tests
+    compare against the CPU in true fp32."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def tiny_unet_config(num_class_embeds=None, sample_size=8):
     return dict(sample_size=sample_size, in_channels=1, out_channels=1, block_out_channels=(8, 16),
                 layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),

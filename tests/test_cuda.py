@@ -14,16 +14,8 @@ from distill.sample import sample_teacher
 
 from .tiny_sd import make_tiny_sd_dir
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32_matmul():
-    # TF32 would make CUDA differ from the CPU by ~1e-3; these tests compare true fp32.
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("exact_fp32_cuda")]  # conftest: TF32 off, true fp32 against the CPU
 
 
 @pytest.mark.parametrize("sampler,nfe", [("ddim", 4), ("dpmpp-3m", 8), ("heun", 9)])

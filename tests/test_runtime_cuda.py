@@ -8,7 +8,8 @@ import pytest
 import torch
 
 pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("exact_fp32_cuda")]  # conftest: TF32 off, true fp32 against the CPU
 
 from runtime import Pipeline  # noqa: E402
 from runtime.backends import onnxruntime_providers  # noqa: E402
@@ -24,15 +25,6 @@ def cpu_images(engine, nfe=None):
 
 def levels_apart(a, b):
     return int(np.abs(a.astype(int) - b.astype(int)).max())
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    # TF32 convolutions would differ from the CPU by ~1e-3 in x0, i.e. by a level in a few pixels
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.mark.parametrize("kind", ["dmd2", "sfd-v"])
