@@ -138,6 +138,8 @@ def constant_attention_scale():
     sdpa = F.scaled_dot_product_attention
 
     def with_scale(query, key, value, *args, scale=None, **kwargs):
+        if len(args) > 3:  # attn_mask, dropout_p, is_causal, then scale
+            raise TypeError("pass scaled_dot_product_attention's scale by keyword")
         scale = float(query.shape[-1]) ** -0.5 if scale is None else scale
         return sdpa(query, key, value, *args, scale=scale, **kwargs)
 

@@ -28,7 +28,10 @@ def onnxruntime_providers() -> list[str]:
 class OnnxRuntimeBackend:
     """`device` "cpu" or "cuda". `cuda_graph` (CUDA only): one session per batch size, captured as a CUDA graph on its
     first call and replayed after (ONNX Runtime's enable_cuda_graph: inputs and output bound to fixed device
-    buffers, updated in place); calls of one batch size share those buffers, so they are serialized by a lock."""
+    buffers, updated in place); calls share those buffers and captures must not overlap launches, so one lock
+    serializes them (the GPU runs one graph at a time anyway). Each batch size holds its own session, i.e. its own
+    copy of the weights on the GPU: serve a few fixed batch sizes with it (ONNX Runtime's gpu_graph_id run option
+    would share one session; not used yet)."""
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, cuda_graph: bool = False):
         import onnxruntime as ort
@@ -58,7 +61,7 @@ class OnnxRuntimeBackend:
                             "backend='onnxruntime-cpu'")
         self.session = ort.InferenceSession(str(path), self.options, providers=[provider])
         self.output = self.session.get_outputs()[0].name
-        self.graphs = {}  # cuda_graph: batch size -> (session, binding, input OrtValues, output OrtValue, lock)
+        self.graphs = {}  # cuda_graph: batch size -> (session, binding, input OrtValues, output OrtValue)
         self.lock = threading.Lock()
 
     def run_all(self, feed: dict) -> dict:
@@ -82,15 +85,15 @@ class OnnxRuntimeBackend:
 
     def replay(self, feed: dict) -> np.ndarray:
         batch = len(next(iter(feed.values())))
+        # one lock for captures and replays: a capture (CUDA's global mode) must not overlap another graph's launch
         with self.lock:
             if batch not in self.graphs:
                 self.graphs[batch] = self.capture(feed)
-        session, binding, inputs, output, lock = self.graphs[batch]
-        with lock:
+            session, binding, inputs, output = self.graphs[batch]
             for name, value in feed.items():
                 inputs[name].update_inplace(np.ascontiguousarray(value))
             session.run_with_iobinding(binding)
-            return output.numpy()
+            return output.numpy()  # a host copy: the next replay overwrites `output`
 
     def capture(self, feed: dict):
         """A session for this batch size whose first run captures the CUDA graph (ONNX Runtime then replays it)."""
@@ -105,14 +108,20 @@ class OnnxRuntimeBackend:
         for name, value in inputs.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_ortvalue_output(self.output, output)
-        session.run_with_iobinding(binding)  # capture
-        return session, binding, inputs, output, threading.Lock()
+        try:
+            session.run_with_iobinding(binding)  # capture
+        except Exception as e:  # ONNX Runtime's own error type; its message says which node stopped the capture
+            raise UserError(f"ONNX Runtime could not capture {self.path.name} as a CUDA graph ({str(e)[:200]}); "
+                            "engines exported before fewstep made attention's scale a constant need a re-export "
+                            "(python -m export.onnx), or use backend onnxruntime-cuda") from None
+        return session, binding, inputs, output
 
 
 class TorchBackend:
     """The PyTorch student (the bundle the engine was exported from), on the same graph inputs: the reference.
 
-    On CUDA when torch sees a GPU. `precision` fp16 runs the module export's fp16 file was made from (HalfGraph:
+    On CUDA when torch sees a GPU, with PyTorch's own defaults (cuDNN convolutions may use TF32 in fp32).
+    `precision` fp16 runs the module export's fp16 file was made from (HalfGraph:
     fp16 weights and compute, fp32 inputs and output), so it compares like with like. `mode`:
     - "eager": plain calls;
     - "compiled": `torch.compile` (default mode);

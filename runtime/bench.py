@@ -229,7 +229,8 @@ def main(argv=None):
             continue
         if backend.startswith("pytorch"):  # the PyTorch student in fp32, and in fp16 beside an fp16 file on a GPU
             mine = ["fp32"] + (["fp16"] if "fp16" in precisions and torch.cuda.is_available() else [])
-        for precision in precisions if backend.startswith(("onnxruntime", "openvino")) else mine:
+        for precision in (precisions if backend.startswith(("onnxruntime", "openvino")) else
+                          mine if backend.startswith("pytorch") else ["fp32"]):
             try:
                 pipe = Pipeline.load(args.engine, backend, precision, threads=args.threads, bundle=args.bundle)
             except UserError as e:
@@ -242,7 +243,7 @@ def main(argv=None):
     def request(pipe, batch: int, nfe: int):
         """One timed request: the batch as one network call where the engine allows it (generate's default
         would split it into chunks of 16; a TensorRT plan's profile caps it)."""
-        labels = list(np.arange(batch) % pipe.num_classes) if pipe.num_classes else None
+        labels = [int(c) for c in np.arange(batch) % pipe.num_classes] if pipe.num_classes else None
         chunk = min(batch, pipe.max_batch or batch)
         return lambda: pipe.generate(labels, n=None if labels else batch, nfe=nfe, seed=0, batch_size=chunk)
 

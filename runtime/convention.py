@@ -16,7 +16,7 @@ def x0_from_output(out: np.ndarray, x: np.ndarray, sigma, prediction_type: str) 
     the whole batch (the runtime's loop: the same formulas on Python floats, so the same float64 result in fewer
     array operations; this runs on every step of every request)."""
     if np.ndim(sigma) == 0:
-        s, out = float(sigma), out.astype(np.float64)
+        s, out, x = float(sigma), out.astype(np.float64), np.asarray(x, dtype=np.float64)
         if prediction_type == "epsilon":
             return x - s * out
         if prediction_type == "v_prediction":

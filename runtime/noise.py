@@ -61,6 +61,8 @@ def gaussian(seed: int, image: int, draw: int, shape: tuple[int, ...]) -> np.nda
     """One draw of unit Gaussian noise (float32, `shape`) for one image of a request."""
     if not 0 <= draw < MAX_DRAWS:
         raise ValueError(f"draw must lie in 0..{MAX_DRAWS - 1}")
+    if not 0 <= image < 2**56:
+        raise ValueError("image indices must lie in 0..2^56 - 1")
     return normals(seed, np.array(image * MAX_DRAWS + draw), int(np.prod(shape))).reshape(shape)
 
 
@@ -69,6 +71,8 @@ def request_noise(seed: int, start: int, count: int, draws: int, shape: tuple[in
     same numbers as gaussian() image by image and draw by draw)."""
     if not 0 <= draws <= MAX_DRAWS:
         raise ValueError(f"draws must lie in 0..{MAX_DRAWS}")
+    if start < 0 or (start + count) * MAX_DRAWS > 2**64:
+        raise ValueError("image indices must lie in 0..2^56 - 1")
     ids = np.arange(start, start + count, dtype=np.uint64)[:, None] * np.uint64(MAX_DRAWS) \
         + np.arange(draws, dtype=np.uint64)[None, :]
     return normals(seed, ids, int(np.prod(shape))).reshape(count, draws, *shape)
