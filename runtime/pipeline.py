@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import native
 from . import noise as noise_gen
 from .backends import OnnxRuntimeBackend, TorchBackend, onnxruntime_providers
 from .convention import x0_from_output
@@ -46,6 +47,11 @@ class Generation:
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 (round half to even, as distill's writers do)."""
+    if native.lib is not None and x.dtype == np.float64 and x.ndim == 4:
+        n, c, h, w = x.shape
+        images = np.empty((n, h, w, c), np.uint8)
+        native.lib.to_uint8(np.ascontiguousarray(x), n, c, h, w, images)
+        return images
     return np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1).copy()
 
 

@@ -77,6 +77,44 @@ def test_noise_is_the_documented_generator():
     np.testing.assert_array_equal(request_noise(0, 5, 3, 2, (1, 16, 16)), big[5:8])  # per image, not per request
 
 
+def test_native_arithmetic_matches_numpy(engines, monkeypatch):
+    """runtime._native (C) against the numpy formulas it replaces: noise, x0 and uint8, and whole requests."""
+    import shutil
+
+    from runtime import convention, native, pipeline
+    if native.lib is None:
+        # pip builds it wherever a C compiler is present (setup.py); the CI machine has one, so this must not skip
+        assert shutil.which("cc") is None and shutil.which("gcc") is None, \
+            "runtime._native was not built although a C compiler is present: pip install -e . should build it"
+        pytest.skip("runtime._native is not built (no C compiler): the runtime uses numpy")
+    lib, rng = native.lib, np.random.default_rng(3)
+
+    def both(f, *args):
+        fast = f(*args)
+        monkeypatch.setattr(native, "lib", None)
+        slow = f(*args)
+        monkeypatch.setattr(native, "lib", lib)
+        return fast, slow
+
+    for seed, start, count, draws, shape in [(0, 0, 1, 1, (1, 16, 16)), (2**63 - 1, 5, 7, 4, (3, 5, 7)),
+                                             (2**64 + 9, 2**40, 2, 3, (1,))]:  # odd element counts: Box-Muller tail
+        fast, slow = both(request_noise, seed, start, count, draws, shape)
+        assert fast.dtype == slow.dtype == np.float32 and fast.shape == slow.shape
+        np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-6)  # the engine spec's bound: another libm
+    for prediction_type in ["epsilon", "v_prediction", "sample"]:
+        for s in [0.002, 1.0, 153.9]:
+            out, x = rng.standard_normal((3, 2, 4, 4)).astype(np.float32), rng.standard_normal((3, 2, 4, 4)) * s
+            fast, slow = both(convention.x0_from_output, out, x, np.float32(s), prediction_type)
+            assert fast.dtype == np.float64 and np.array_equal(fast, slow)  # the same operations: bit for bit
+    x = rng.standard_normal((4, 3, 5, 6)) * 1.3
+    x[0, 0, 0, :5] = [-1, 1, 0.5 / 127.5 - 1, 1.5 / 127.5 - 1, 2.5 / 127.5 - 1]  # clip edges and half-way ties
+    fast, slow = both(pipeline.to_uint8, x)
+    assert fast.shape == (4, 5, 6, 3) and np.array_equal(fast, slow)
+    pipe = Pipeline.load(engines["dmd2"][1], backend="onnxruntime-cpu")
+    fast, slow = both(lambda: pipe.generate([0, 2, 1], seed=5, nfe=2).images)
+    assert np.abs(fast.astype(int) - slow).max() <= 1
+
+
 @pytest.mark.parametrize("kind,nfe", [("dmd2", 2), ("dmd2", 1), ("sfd-v", 3), ("sfd-v", 2)])
 def test_pipeline_runs_the_students_loop(engines, kind, nfe):
     bundle_dir, engine = engines[kind]
