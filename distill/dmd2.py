@@ -10,6 +10,8 @@ Multi-step students use fixed timesteps and backward simulation. The result is a
 
 import contextlib
 import copy
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from .denoiser import VPDenoiser, guided
 from .errors import UserError
 from .gan_head import BottleneckTap, FakeScore, GANHead
 from .losses import WEIGHTINGS, denoising_loss, dm_loss, gan_d_loss, gan_g_loss, regression_loss
-from .training import autocast, check_finite, optimizer_step, resolve_precision, run_loop
+from .training import RESUMABLE_CHANGES, autocast, check_finite, optimizer_step, resolve_precision, run_loop
 
 # Where LoRA goes when `lora_rank` is set: attention projections, feed-forwards and resnet convs (the
 # DMD2 SDXL list); names a UNet lacks are skipped by peft.
@@ -37,7 +39,9 @@ class DMD2Config:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     grad_clip: float = 10.0
-    warmup: int = 500  # linear LR warm-up steps, then constant
+    warmup: int = 500  # linear LR warm-up steps, then `lr_schedule`
+    lr_schedule: str = "constant"  # "constant" (the reference's) or "cosine": down to lr_min_ratio x lr at `steps`
+    lr_min_ratio: float = 0.1
     dfake_gen_update_ratio: int = 5  # two time-scale rule: the generator updates every N-th step (10 for SD 1.5)
     guidance_scale: float | None = None  # real-score CFG; None = the teacher's default
     use_gan: bool = True
@@ -54,6 +58,10 @@ class DMD2Config:
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 10
+    # Checkpoint selection: every N steps (and at the last) the caller's `score` rates the generator (lower is
+    # better; for the digits teacher, FD against the held-out split on noise the evaluation never uses) and the
+    # bundle ships the best-rated weights rather than the last. 0 ships the last step.
+    select_every: int = 0
 
 
 @dataclass
@@ -103,8 +111,14 @@ def gan_enabled(cfg: DMD2Config) -> bool:
 
 
 def lr_at(step: int, lr: float, cfg: DMD2Config) -> float:
-    """Linear warm-up over `warmup` steps, then constant (the reference's schedule)."""
-    return lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else lr
+    """Linear warm-up over `warmup` steps, then constant (the reference's schedule) or a cosine down to
+    lr_min_ratio x lr at the last step (a decaying rate lets the adversarial game settle instead of wandering)."""
+    if step < cfg.warmup:
+        return lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return lr
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - 1 - cfg.warmup))
+    return lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def sigma_at(schedule, u: torch.Tensor) -> torch.Tensor:
@@ -306,7 +320,7 @@ def make_regression_pairs(teacher, n: int, nfe: int = 25, seed: int = 0, guidanc
     return torch.cat(noises), labels, torch.cat(outs)
 
 
-def check_setup(cfg: DMD2Config, teacher, real_data, pairs) -> None:
+def check_setup(cfg: DMD2Config, teacher, real_data, pairs, score=None) -> None:
     """Fail before any work on settings that cannot run."""
     if not isinstance(teacher.denoiser, VPDenoiser) or not hasattr(teacher.denoiser.net, "unet"):
         raise UserError("DMD2 here distils diffusers UNet teachers with a DDPM-family (VP) schedule "
@@ -327,6 +341,16 @@ def check_setup(cfg: DMD2Config, teacher, real_data, pairs) -> None:
         raise UserError("a text-to-image teacher needs (images, captions) as real_data: captions are the prompts")
     if cfg.regression_weight > 0 and pairs is None:
         raise UserError("regression_weight > 0 needs regression pairs (see make_regression_pairs)")
+    if cfg.lr_schedule not in ("constant", "cosine") or not 0 <= cfg.lr_min_ratio <= 1:
+        raise UserError(f"lr_schedule must be constant or cosine and lr_min_ratio in [0, 1]; got {cfg.lr_schedule!r}, "
+                        f"{cfg.lr_min_ratio}")
+    if cfg.select_every < 0:
+        raise UserError(f"select_every must be 0 (ship the last step) or a number of steps; got {cfg.select_every}")
+    if cfg.select_every and score is None:
+        raise UserError("select_every needs a way to rate checkpoints, which fewstep has for the digits teacher only "
+                        "(FD against its held-out split); leave select_every at 0 for other teachers")
+    if cfg.select_every and cfg.ema_decay is not None:
+        raise UserError("select_every and ema_decay both choose the weights to ship; set one of them")
     if real_data is not None:
         images, labels = real_data
         if labels is not None and len(labels) != len(images):
@@ -364,18 +388,20 @@ def student_manifest(cfg: DMD2Config, teacher, sigma_of) -> dict:
 
 
 def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str | Path,
-               regression_pairs: tuple | None = None, progress: bool = True, accelerator=None) -> Path:
+               regression_pairs: tuple | None = None, progress: bool = True, accelerator=None,
+               score: Callable | None = None) -> Path:
     """Distil `teacher` with DMD2; returns out_dir/student (a bundle). Re-running the same call resumes.
 
     real_data: (images (M, C, H, W) in [-1, 1] (or already in the denoiser's space), labels (M,) or captions)
     for the GAN loss (and for multi-step training without backward simulation). regression_pairs: see
     make_regression_pairs (only with regression_weight > 0). `accelerator`: an accelerate.Accelerator
     (`accelerate launch` gives DDP / FSDP); by default a single-process one on the teacher's device.
+    score(generator, sigmas) -> float, lower is better: rates the generator for `select_every`.
     """
     from accelerate import Accelerator
 
     out_dir = Path(out_dir)
-    check_setup(cfg, teacher, real_data, regression_pairs)
+    check_setup(cfg, teacher, real_data, regression_pairs, score)
     if accelerator is None:
         accelerator = Accelerator(cpu=teacher.device.type == "cpu")
     device = accelerator.device
@@ -423,11 +449,13 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
            if cfg.ema_decay is not None else None)
     gen = torch.Generator().manual_seed(cfg.seed)
     counts = {"generator_updates": 0, "fake_updates": 0}
+    best = {"score": math.inf, "step": -1, "weights": None}  # select_every: the best-rated generator so far
 
     def get_state() -> dict:
         return {"generator": generator.net.state_dict(), "fake": fake.state_dict(), "opt_generator": opt_g.state_dict(),
                 "opt_fake": opt_f.state_dict(), "scaler_generator": scaler_g.state_dict(),
-                "scaler_fake": scaler_f.state_dict(), "ema": ema, "gen": gen.get_state(), "counts": dict(counts)}
+                "scaler_fake": scaler_f.state_dict(), "ema": ema, "gen": gen.get_state(), "counts": dict(counts),
+                "best": best if cfg.select_every else None}
 
     def set_state(state: dict) -> None:
         nonlocal ema
@@ -440,6 +468,9 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
         ema = state["ema"] if ema is None else {k: v.to(device) for k, v in state["ema"].items()}
         gen.set_state(state["gen"])
         counts.update(state["counts"])
+        if cfg.select_every:
+            weights = state["best"]["weights"]  # None when no rating happened before the checkpoint
+            best.update(state["best"], weights=weights and {k: v.to(device) for k, v in weights.items()})
 
     def train_step(step: int) -> dict:
         for g in opt_g.param_groups:
@@ -467,14 +498,34 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
                 x_gen = generator(x_in, sigma_in, batch.cond)
         logs |= fake_step(nets, opt_f, scaler_f, batch, x_gen, cfg, step, accelerator, precision)
         counts["fake_updates"] += 1
+        if cfg.select_every and ((step + 1) % cfg.select_every == 0 or step + 1 == cfg.steps):
+            logs |= select(step + 1)
         return logs | counts | {"lr_generator": lr_at(step, cfg.lr_generator, cfg),
                                 "lr_fake": lr_at(step, cfg.lr_fake, cfg)}
+
+    def select(step: int) -> dict:
+        """Rate the generator after `step` steps; keep its weights when they are the best so far (main process:
+        it alone writes the bundle). The score draws from its own generator, so training's randomness is
+        unchanged."""
+        if not accelerator.is_main_process:
+            return {}
+        generator.eval()
+        with torch.no_grad(), autocast(device, precision):
+            value = float(score(generator, student_sigmas))
+        generator.train()
+        if value < best["score"]:
+            best.update(score=value, step=step,
+                        weights={k: v.detach().clone() for k, v in generator.net.state_dict().items()})
+        return {"selection_score": value, "selection_best_step": best["step"]}
 
     try:
         step, elapsed = run_loop(out_dir=out_dir, config=asdict(cfg), steps=cfg.steps,
                                  checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                                  accelerator=accelerator, train_step=train_step, get_state=get_state,
-                                 set_state=set_state, progress=progress, desc="dmd2")
+                                 set_state=set_state, progress=progress, desc="dmd2",
+                                 # a cosine LR is a function of `steps`: a resumed run must keep it
+                                 resumable=tuple(k for k in RESUMABLE_CHANGES
+                                                 if k != "steps" or cfg.lr_schedule == "constant"))
     finally:
         if fake.tap is not None:
             fake.tap.remove()
@@ -482,9 +533,11 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     manifest = student_manifest(cfg, teacher, sigma_of)
     manifest["training"] |= {"train_seconds": round(elapsed, 1), "steps_done": step, **counts,
                              "processes": accelerator.num_processes}
+    if cfg.select_every:
+        manifest["training"] |= {"selected_step": best["step"], "selection_score": best["score"]}
     bundle = out_dir / "student"
     if accelerator.is_main_process:
-        write_bundle(bundle, student_unet(generator, ema), manifest)
+        write_bundle(bundle, student_unet(generator, best["weights"] if cfg.select_every else ema), manifest)
     accelerator.wait_for_everyone()
     return bundle
 

@@ -216,6 +216,34 @@ def is_digits_teacher(teacher_dir: Path) -> bool:
     return meta.exists() and json.loads(meta.read_text()).get("data", "").startswith("scikit-learn digits")
 
 
+SELECTION_SEED = 7919  # the evaluation samples with seed 1 (and the pictures too): selection never sees that noise
+
+
+def digits_selection_score(teacher, n: int = 1000, seed: int = SELECTION_SEED):
+    """DMD2's `score` for select_every on the digits teacher: FD of n generated digits (labels cycling, the
+    student's whole loop) against the held-out split, in the metric classifier's features. Not the reported
+    metric: that is FD against the training split on other noise (evaluate_student)."""
+    from .bundle import sample_dmd2
+    from .data import to_uint8
+    from .metrics import DigitsMetric
+    from .sample import noise_for, parse_labels
+
+    metric = DigitsMetric(reference="heldout")
+    labels = parse_labels("cycle", n, teacher.num_classes)
+    fixed = {}  # the same noise at every rating: (N, K, C, H, W)
+
+    def score(generator, sigmas) -> float:
+        device = sigmas.device
+        if "draws" not in fixed:
+            fixed["draws"] = noise_for(seed, 0, n, (len(sigmas), *teacher.x_shape), device)
+        draws = fixed["draws"]
+        x0 = sample_dmd2(generator, draws[:, 0] * sigmas[0].item(), sigmas, teacher.cond(labels=labels.to(device)),
+                         draws[:, 1:].transpose(0, 1))
+        return metric(to_uint8(x0.float().cpu()).numpy())["fd"]
+
+    return score
+
+
 def evaluate_student(bundle_dir: Path, teacher, n: int, seed: int, device) -> dict:
     """Digits FD / accuracy of the student at every NFE it serves, plus images/s (the bundle as shipped)."""
     from .bundle import load_bundle
@@ -381,8 +409,9 @@ def run(args) -> Path:
     elif preset.method == "sfd":
         bundle = train_sfd(cfg, teacher, out, progress=not args.no_progress, accelerator=accelerator)
     else:
+        score = digits_selection_score(teacher) if cfg.select_every and is_digits_teacher(teacher_dir) else None
         bundle = train_dmd2(cfg, teacher, real_data, out, pairs, progress=not args.no_progress,
-                            accelerator=accelerator)
+                            accelerator=accelerator, score=score)
     if not main:
         return bundle
 

@@ -222,8 +222,8 @@ class Pipeline:
         timings = {"total_ms": total, "step_ms": step_ms.tolist(), "backend_ms": backend_ms,
                    "overhead_ms": total - backend_ms, "images": count, "backend": self.backend.name,
                    "precision": self.precision}
-        return Generation(np.concatenate(images), labels, nfe, None if noise is not None else int(seed), timings,
-                          prompts)
+        images = images[0] if len(images) == 1 else np.concatenate(images)
+        return Generation(images, labels, nfe, None if noise is not None else int(seed), timings, prompts)
 
     def denoise(self, x: np.ndarray, sigma: float, timestep: float, cond: dict, nfe: int) -> tuple[np.ndarray, float]:
         """x0 at `sigma` (one network call) and the backend's milliseconds; `cond` holds the condition inputs

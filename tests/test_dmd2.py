@@ -1,6 +1,7 @@
 """DMD2 training: its losses, backward simulation against the bundle's loop, exact resumption (in-process and
 after SIGKILL), errors, LoRA, the text-to-image presets and sampling a student bundle. Tiny models only."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from distill.adapters import load_teacher
 from distill.bundle import MANIFEST_NAME, load_bundle
 from distill.checkpoint import load_state
 from distill.denoiser import vp_output_to_x0, vp_target
-from distill.dmd2 import DMD2Config, draw_batch, student_input, train_dmd2
+from distill.dmd2 import DMD2Config, draw_batch, lr_at, student_input, train_dmd2
 from distill.errors import UserError
 from distill.losses import WEIGHTINGS, denoising_loss, dm_loss, gan_d_loss, gan_g_loss
 
@@ -399,6 +400,45 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(teacher, tmp_path):
     for part in ("generator", "fake"):
         assert all(torch.equal(before[part][k], after[part][k]) for k in before[part]), part
     assert max(r["step"] for r in log_records(tmp_path)) == 3
+
+
+def test_lr_schedules():
+    cfg = small_config(steps=401, warmup=100, lr_schedule="cosine", lr_min_ratio=0.1)
+    assert lr_at(0, 1.0, cfg) == pytest.approx(0.01) and lr_at(99, 1.0, cfg) == 1.0  # warm-up, then the peak
+    assert lr_at(250, 1.0, cfg) == pytest.approx(0.55) and lr_at(400, 1.0, cfg) == pytest.approx(0.1)
+    assert lr_at(400, 1.0, small_config(steps=401, warmup=100)) == 1.0  # constant: the reference's schedule
+
+
+def test_selection_ships_the_best_rated_weights_and_survives_a_resume(teacher, tmp_path):
+    """select_every: the bundle holds the generator of the best-rated step (here step 4), also when the run was
+    stopped after that rating and resumed; the scorer sees the same weights training had at that step."""
+    data, ratings = real_data(), iter([3.0, 1.0, 2.0, 5.0, 9.0])
+    cfg = small_config(steps=5, warmup=0, checkpoint_every=10, select_every=2)
+
+    def score(generator, sigmas):
+        assert not generator.training and sigmas.shape == (1,)
+        return next(ratings)
+
+    train_dmd2(cfg, teacher, data, tmp_path / "run", progress=False, score=score)  # rated at 2, 4, 5
+    bundle = train_dmd2(dataclasses.replace(cfg, steps=7), teacher, data, tmp_path / "run", progress=False,
+                        score=score)  # resumed: rated at 6, 7
+    manifest = json.loads((bundle / "fewstep_student.json").read_text())["training"]
+    assert (manifest["selected_step"], manifest["selection_score"], manifest["steps_done"]) == (4, 1.0, 7)
+    at_4 = train_dmd2(small_config(steps=4, warmup=0), teacher, data, tmp_path / "four", progress=False)
+    last = train_dmd2(small_config(steps=7, warmup=0), teacher, data, tmp_path / "seven", progress=False)
+    shipped, want, other = unet_weights(bundle), unet_weights(at_4), unet_weights(last)
+    assert all(torch.equal(shipped[k], want[k]) for k in want)
+    assert not all(torch.equal(shipped[k], other[k]) for k in other)
+    records = [r for r in log_records(tmp_path / "run") if "selection_score" in r]
+    assert [(r["step"], r["selection_best_step"]) for r in records] == [(1, 2), (3, 4), (4, 4), (5, 4), (6, 4)]
+
+
+def test_selection_needs_a_scorer_and_no_ema(teacher, tmp_path):
+    with pytest.raises(UserError, match="digits teacher only"):
+        train_dmd2(small_config(select_every=2), teacher, real_data(), tmp_path, progress=False)
+    with pytest.raises(UserError, match="set one of them"):
+        train_dmd2(small_config(select_every=2, ema_decay=0.9), teacher, real_data(), tmp_path, progress=False,
+                   score=lambda g, s: 0.0)
 
 
 # ---- 9: CLI errors -------------------------------------------------------------------------------------------------
