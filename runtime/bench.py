@@ -125,6 +125,33 @@ def runtime_overhead(pipe: Pipeline, seconds: float) -> dict:
             "overhead": round(f / b - 1, 4), "backend": pipe.backend.name, "precision": pipe.precision}
 
 
+def overhead_series(pipe: Pipeline, seconds: float, repeats: int) -> dict:
+    """runtime_overhead `repeats` times with the compiled per-request arithmetic (runtime._native) and as many
+    without it (numpy), alternating, so both see the same machine; the medians, and every run. A shared machine
+    moves single runs by several percent either way, hence the series."""
+    from . import native
+
+    compiled = native.lib
+    runs = {"compiled": [], "numpy": []}
+    try:
+        for _ in range(repeats):
+            for name, lib in (("compiled", compiled), ("numpy", None)):
+                if name == "compiled" and lib is None:
+                    continue
+                native.lib = lib
+                runs[name].append(runtime_overhead(pipe, seconds))
+    finally:
+        native.lib = compiled
+    out = {}
+    for name, series in runs.items():
+        if series:
+            middle = sorted(series, key=lambda r: r["overhead"])[(len(series) - 1) // 2]  # a run's own figure
+            out[name] = {"median": middle["overhead"], "median_run": middle,
+                         "min": min(r["overhead"] for r in series), "max": max(r["overhead"] for r in series),
+                         "runs": series}
+    return out
+
+
 def teacher_rows(teacher_dir: str, batches: list[int], seconds: float, steps: int = 50) -> list[dict]:
     """The teacher's DPM-Solver++(2M) at `steps` network calls (guided as its baselines were), per batch, on the
     GPU when torch sees one."""
@@ -186,6 +213,11 @@ def markdown(result: dict) -> str:
         lines += ["", f"Runtime overhead ({o['backend']} {o['precision']}, NFE {o['nfe']}, batch 1): generate "
                       f"{o['generate_ms']:.3f} ms vs the bare backend call {o['bare_backend_ms']:.3f} ms: "
                       f"**{100 * o['overhead']:+.1f} %**."]
+    for name, v in result.get("overhead_series", {}).items():
+        how = "runtime._native, compiled" if name == "compiled" else "numpy, FEWSTEP_NATIVE=0"
+        lines.append(f"- per-request arithmetic in {how}: median **{100 * v['median']:+.1f} %** over {len(v['runs'])} "
+                     f"runs (range {100 * v['min']:+.1f} to {100 * v['max']:+.1f} %; generate "
+                     + ", ".join(f"{r['generate_ms']:.2f}/{r['bare_backend_ms']:.2f}" for r in v["runs"]) + " ms)")
     for k, v in result.get("ratios", {}).items():
         lines.append(f"- {k}: **{v:.0f}×**")
     return "\n".join(lines) + "\n"
@@ -208,6 +240,9 @@ def main(argv=None):
                    help="time the variants in turns of ~0.1 s, per (NFE, batch): fair comparisons on a machine "
                         "whose other load comes and goes")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime / torch intra-op threads")
+    p.add_argument("--overhead-repeats", type=int, default=1,
+                   help="measure the runtime overhead this many times, with and without the compiled per-request "
+                        "arithmetic, alternating (the first ONNX Runtime cell reports their median)")
     p.add_argument("--out", type=Path, default=Path("docs/runtime_bench"))
     args = p.parse_args(argv)
     try:
@@ -238,6 +273,9 @@ def main(argv=None):
                 continue
             if overhead is None and backend.startswith("onnxruntime"):
                 overhead = runtime_overhead(pipe, args.seconds)
+                if args.overhead_repeats > 1:
+                    series = overhead_series(pipe, args.seconds, args.overhead_repeats)
+                    overhead = series.get("compiled", series["numpy"])["median_run"]  # the headline: the median run
             pipes.append((backend, precision, pipe))
 
     def request(pipe, batch: int, nfe: int):
@@ -281,6 +319,8 @@ def main(argv=None):
               "command": "python -m runtime.bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "interleaved": args.interleave, "load_average": list(os.getloadavg()),
               "rows": rows, "overhead": overhead, "ratios": ratios}
+    if args.overhead_repeats > 1 and overhead is not None:
+        result["overhead_series"] = series
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(markdown(result))

@@ -18,7 +18,7 @@ onnx = pytest.importorskip("onnx", reason="the [onnx] extra (onnx, onnxruntime) 
 from distill.bundle import load_bundle  # noqa: E402
 from distill.digits import TEACHER_DIR  # noqa: E402
 from export import onnx as export_onnx  # noqa: E402
-from runtime import Pipeline, UserError, bench, profile  # noqa: E402
+from runtime import Pipeline, UserError, bench, native, profile  # noqa: E402
 from runtime.openvino import openvino_available  # noqa: E402
 
 STUDENT_DIR = TEACHER_DIR.parent / "digits_student"
@@ -174,8 +174,13 @@ def test_bench_shows_each_variants_fd_beside_its_speed(student, tmp_path, capsys
     out = tmp_path / "bench"
     backends = "onnxruntime-cpu,openvino-cpu" if openvino_available() else "onnxruntime-cpu"
     bench.main(["--engine", str(engine), "--batches", "1", "--backends", backends, "--teacher", "none",
-                "--seconds", "0.05", "--threads", "1", "--interleave", "--out", str(out)])
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+                "--seconds", "0.05", "--threads", "1", "--interleave", "--overhead-repeats", "3", "--out", str(out)])
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows, series = result["rows"], result["overhead_series"]
+    # the overhead series: numpy always, the compiled arithmetic where it was built; the headline is a median run
+    assert len(series["numpy"]["runs"]) == 3 and ("compiled" in series) == (native.lib is not None)
+    headline = series.get("compiled", series["numpy"])
+    assert result["overhead"] == headline["median_run"] and headline["min"] <= headline["median"] <= headline["max"]
     got = {(r["backend"], r["precision"]): r.get("fd_change") for r in rows}
     assert got[("onnxruntime-cpu", "fp32")] == 0.0 and got[("onnxruntime-cpu", "int8-cpu")] == -0.007
     if openvino_available():
