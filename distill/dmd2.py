@@ -516,7 +516,7 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
         if value < best["score"]:
             best.update(score=value, step=step,
                         weights={k: v.detach().clone() for k, v in generator.net.state_dict().items()})
-        return {"selection_score": value, "selection_best_step": best["step"]}
+        return {"selection_score": value, "selection_best_step": best["step"], "log": True}
 
     try:
         step, elapsed = run_loop(out_dir=out_dir, config=asdict(cfg), steps=cfg.steps,

@@ -161,7 +161,9 @@ def run_loop(*, out_dir: Path, config: dict, steps: int, checkpoint_every: int, 
                 logs["seconds"] = round(elapsed, 2)
                 bar.update(1)
                 bar.set_postfix({k.removeprefix("loss_"): f"{v:.4g}" for k, v in logs.items() if k.startswith("loss_")})
-                if main and ((step - 1) % log_every == 0 or step == steps):
+                # a step's record is kept every log_every steps, at the last, and whenever it asks to be
+                # ("log": True, e.g. a checkpoint rating that falls between)
+                if main and (logs.pop("log", False) or (step - 1) % log_every == 0 or step == steps):
                     log.write(json.dumps(logs) + "\n")
                 if step % checkpoint_every == 0 or step == steps:
                     if main:

@@ -413,7 +413,7 @@ def test_selection_ships_the_best_rated_weights_and_survives_a_resume(teacher, t
     """select_every: the bundle holds the generator of the best-rated step (here step 4), also when the run was
     stopped after that rating and resumed; the scorer sees the same weights training had at that step."""
     data, ratings = real_data(), iter([3.0, 1.0, 2.0, 5.0, 9.0])
-    cfg = small_config(steps=5, warmup=0, checkpoint_every=10, select_every=2)
+    cfg = small_config(steps=5, warmup=0, checkpoint_every=10, select_every=2, log_every=3)  # ratings: logged too
 
     def score(generator, sigmas):
         assert not generator.training and sigmas.shape == (1,)
