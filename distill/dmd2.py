@@ -11,6 +11,7 @@ Multi-step students use fixed timesteps and backward simulation. The result is a
 import contextlib
 import copy
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -114,7 +115,7 @@ def lr_at(step: int, lr: float, cfg: DMD2Config) -> float:
     """Linear warm-up over `warmup` steps, then constant (the reference's schedule) or a cosine down to
     lr_min_ratio x lr at the last step (a decaying rate lets the adversarial game settle instead of wandering)."""
     if step < cfg.warmup:
-        return lr * (step + 1) / cfg.warmup
+        return lr * min(1.0, (step + 1) / cfg.warmup)  # this form, bit for bit the schedule earlier runs used
     if cfg.lr_schedule == "constant":
         return lr
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - 1 - cfg.warmup))
@@ -449,7 +450,8 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
            if cfg.ema_decay is not None else None)
     gen = torch.Generator().manual_seed(cfg.seed)
     counts = {"generator_updates": 0, "fake_updates": 0}
-    best = {"score": math.inf, "step": -1, "weights": None}  # select_every: the best-rated generator so far
+    # select_every: the best-rated generator so far, and the seconds ratings took (they count in train_seconds)
+    best = {"score": math.inf, "step": -1, "weights": None, "seconds": 0.0}
 
     def get_state() -> dict:
         return {"generator": generator.net.state_dict(), "fake": fake.state_dict(), "opt_generator": opt_g.state_dict(),
@@ -509,13 +511,16 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
         unchanged."""
         if not accelerator.is_main_process:
             return {}
+        t0 = time.perf_counter()
         generator.eval()
         with torch.no_grad(), autocast(device, precision):
             value = float(score(generator, student_sigmas))
         generator.train()
-        if value < best["score"]:
+        if math.isfinite(value) and value < best["score"]:  # a NaN rating never wins
             best.update(score=value, step=step,
                         weights={k: v.detach().clone() for k, v in generator.net.state_dict().items()})
+        best["seconds"] += time.perf_counter() - t0
+        # the record's "step" is the 0-based index of the step just run; selection_best_step counts steps done
         return {"selection_score": value, "selection_best_step": best["step"], "log": True}
 
     try:
@@ -533,11 +538,14 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     manifest = student_manifest(cfg, teacher, sigma_of)
     manifest["training"] |= {"train_seconds": round(elapsed, 1), "steps_done": step, **counts,
                              "processes": accelerator.num_processes}
+    selected = cfg.select_every and best["weights"] is not None  # else no finite rating: the last step ships
     if cfg.select_every:
-        manifest["training"] |= {"selected_step": best["step"], "selection_score": best["score"]}
+        manifest["training"] |= {"selected_step": best["step"] if selected else None,
+                                 "selection_score": best["score"] if selected else None,
+                                 "selection_seconds": round(best["seconds"], 1)}
     bundle = out_dir / "student"
     if accelerator.is_main_process:
-        write_bundle(bundle, student_unet(generator, best["weights"] if cfg.select_every else ema), manifest)
+        write_bundle(bundle, student_unet(generator, best["weights"] if selected else ema), manifest)
     accelerator.wait_for_everyone()
     return bundle
 

@@ -33,18 +33,39 @@ static double uniform(uint64_t key, uint64_t i) {
     return ((double)(splitmix64(key + i) >> 11) + 0.5) / 9007199254740992.0; /* 2^53 */
 }
 
-/* A writable (or read-only) C-contiguous buffer of exactly `size` items of `itemsize` bytes. */
-static int get_buffer(PyObject* obj, Py_buffer* view, Py_ssize_t size, Py_ssize_t itemsize, int writable,
+/* The buffer's items are the C type `code` stands for ('f' float, 'd' double, 'B' uint8), in native order. */
+static int has_format(const Py_buffer* view, char code) {
+    const char* f = view->format ? view->format : "B";
+    if (f[0] == '@' || f[0] == '=' || f[0] == '<')
+        f++;
+    return f[0] == code && f[1] == '\0';
+}
+
+/* A writable (or read-only) C-contiguous buffer of exactly `size` items of type `code`. */
+static int get_buffer(PyObject* obj, Py_buffer* view, Py_ssize_t size, Py_ssize_t itemsize, char code, int writable,
                       const char* name) {
-    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
         return -1;
-    if (view->itemsize != itemsize || view->len != size * itemsize) {
-        PyErr_Format(PyExc_ValueError, "%s: expected %zd items of %zd bytes, got %zd bytes", name, size, itemsize,
-                     view->len);
+    if (!has_format(view, code) || view->itemsize != itemsize || size > PY_SSIZE_T_MAX / itemsize ||
+        view->len != size * itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd items of type '%c', got %zd bytes of '%s'", name, size, code,
+                     view->len, view->format ? view->format : "B");
         PyBuffer_Release(view);
         return -1;
     }
     return 0;
+}
+
+/* a * b * c without overflow, or -1 */
+static Py_ssize_t product(Py_ssize_t a, Py_ssize_t b, Py_ssize_t c) {
+    if (a < 0 || b < 0 || c < 0)
+        return -1;
+    if (b && a > PY_SSIZE_T_MAX / b)
+        return -1;
+    Py_ssize_t ab = a * b;
+    if (c && ab > PY_SSIZE_T_MAX / c)
+        return -1;
+    return ab * c;
 }
 
 /* noise(seed, start, count, draws, n, out): out (count, draws, n) float32 = every draw of images start.. of a
@@ -55,12 +76,13 @@ static PyObject* noise(PyObject* self, PyObject* args) {
     PyObject* out_obj;
     if (!PyArg_ParseTuple(args, "KKnnnO", &seed, &start, &count, &draws, &n, &out_obj))
         return NULL;
-    if (count < 0 || draws < 0 || draws > MAX_DRAWS || n < 0) {
-        PyErr_SetString(PyExc_ValueError, "noise: count, draws (<= 256) and n must be non-negative");
+    Py_ssize_t size = product(count, draws, n);
+    if (size < 0 || draws > MAX_DRAWS) {
+        PyErr_SetString(PyExc_ValueError, "noise: count, draws (<= 256) and n must be non-negative, and fit memory");
         return NULL;
     }
     Py_buffer out;
-    if (get_buffer(out_obj, &out, count * draws * n, sizeof(float), 1, "noise out") < 0)
+    if (get_buffer(out_obj, &out, size, sizeof(float), 'f', 1, "noise out") < 0)
         return NULL;
     float* z = (float*)out.buf;
     Py_BEGIN_ALLOW_THREADS
@@ -96,19 +118,19 @@ static PyObject* x0(PyObject* self, PyObject* args) {
         return NULL;
     }
     Py_buffer pred, x, out;
-    if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
         return NULL;
     Py_ssize_t size = out.len / (Py_ssize_t)sizeof(double);
-    if (out.itemsize != sizeof(double)) {
+    if (!has_format(&out, 'd') || out.itemsize != sizeof(double)) {
         PyBuffer_Release(&out);
         PyErr_SetString(PyExc_ValueError, "x0 out: expected float64");
         return NULL;
     }
-    if (get_buffer(pred_obj, &pred, size, sizeof(float), 0, "x0 prediction") < 0) {
+    if (get_buffer(pred_obj, &pred, size, sizeof(float), 'f', 0, "x0 prediction") < 0) {
         PyBuffer_Release(&out);
         return NULL;
     }
-    if (get_buffer(x_obj, &x, size, sizeof(double), 0, "x0 x") < 0) {
+    if (get_buffer(x_obj, &x, size, sizeof(double), 'd', 0, "x0 x") < 0) {
         PyBuffer_Release(&pred);
         PyBuffer_Release(&out);
         return NULL;
@@ -143,15 +165,15 @@ static PyObject* to_uint8(PyObject* self, PyObject* args) {
     Py_ssize_t n, c, h, w;
     if (!PyArg_ParseTuple(args, "OnnnnO", &x_obj, &n, &c, &h, &w, &out_obj))
         return NULL;
-    if (n < 0 || c < 0 || h < 0 || w < 0) {
-        PyErr_SetString(PyExc_ValueError, "to_uint8: negative dimension");
+    Py_ssize_t size = product(n, c, h) < 0 ? -1 : product(product(n, c, h), w, 1);
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "to_uint8: dimensions must be non-negative and fit memory");
         return NULL;
     }
     Py_buffer x, out;
-    Py_ssize_t size = n * c * h * w;
-    if (get_buffer(x_obj, &x, size, sizeof(double), 0, "to_uint8 x") < 0)
+    if (get_buffer(x_obj, &x, size, sizeof(double), 'd', 0, "to_uint8 x") < 0)
         return NULL;
-    if (get_buffer(out_obj, &out, size, 1, 1, "to_uint8 out") < 0) {
+    if (get_buffer(out_obj, &out, size, 1, 'B', 1, "to_uint8 out") < 0) {
         PyBuffer_Release(&x);
         return NULL;
     }

@@ -134,8 +134,9 @@ def overhead_series(pipe: Pipeline, seconds: float, repeats: int) -> dict:
     compiled = native.lib
     runs = {"compiled": [], "numpy": []}
     try:
-        for _ in range(repeats):
-            for name, lib in (("compiled", compiled), ("numpy", None)):
+        for i in range(repeats):
+            order = (("compiled", compiled), ("numpy", None))
+            for name, lib in order if i % 2 == 0 else order[::-1]:  # neither path always runs first
                 if name == "compiled" and lib is None:
                     continue
                 native.lib = lib
@@ -245,6 +246,9 @@ def main(argv=None):
                         "arithmetic, alternating (the first ONNX Runtime cell reports their median)")
     p.add_argument("--out", type=Path, default=Path("docs/runtime_bench"))
     args = p.parse_args(argv)
+    if args.overhead_repeats < 1 or args.overhead_repeats % 2 == 0 and args.overhead_repeats > 1:
+        raise UserError(f"--overhead-repeats must be 1 or an odd number (its median is one run); got "
+                        f"{args.overhead_repeats}")
     try:
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:

@@ -433,6 +433,17 @@ def test_selection_ships_the_best_rated_weights_and_survives_a_resume(teacher, t
     assert [(r["step"], r["selection_best_step"]) for r in records] == [(1, 2), (3, 4), (4, 4), (5, 4), (6, 4)]
 
 
+def test_selection_without_a_finite_rating_ships_the_last_step(teacher, tmp_path):
+    data = real_data()
+    bundle = train_dmd2(small_config(steps=4, warmup=0, select_every=2), teacher, data, tmp_path / "nan",
+                        progress=False, score=lambda g, s: float("nan"))
+    manifest = json.loads((bundle / "fewstep_student.json").read_text())["training"]
+    assert manifest["selected_step"] is None and manifest["selection_score"] is None
+    last = train_dmd2(small_config(steps=4, warmup=0), teacher, data, tmp_path / "last", progress=False)
+    shipped, want = unet_weights(bundle), unet_weights(last)
+    assert all(torch.equal(shipped[k], want[k]) for k in want)
+
+
 def test_selection_needs_a_scorer_and_no_ema(teacher, tmp_path):
     with pytest.raises(UserError, match="digits teacher only"):
         train_dmd2(small_config(select_every=2), teacher, real_data(), tmp_path, progress=False)
