@@ -401,13 +401,14 @@ def run(args) -> Path:
         pairs = make_regression_pairs(teacher, n=2000, seed=12345)
     main = accelerator.is_main_process
     score = None
-    if preset.method == "dmd2" and cfg.select_every and is_digits_teacher(teacher_dir):
-        score = digits_selection_score(teacher)
-    elif preset.method == "dmd2" and cfg.select_every:
-        cfg = dataclasses.replace(cfg, select_every=0)
-        if main:
-            print("note: checkpoint selection rates students on the digits data, and this is not the digits "
-                  "teacher: the last step ships (select_every=0)")
+    if preset.method == "dmd2" and cfg.select_every:
+        if is_digits_teacher(teacher_dir):
+            score = digits_selection_score(teacher)
+        else:
+            cfg = dataclasses.replace(cfg, select_every=0)
+            if main:
+                print("note: checkpoint selection rates students on the digits data, and this is not the digits "
+                      "teacher: the last step ships (select_every=0)")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({

@@ -276,10 +276,11 @@ def main(argv=None):
                 print(f"skipped {backend} {precision}: {e}")
                 continue
             if overhead is None and backend.startswith("onnxruntime"):
-                overhead = runtime_overhead(pipe, args.seconds)
                 if args.overhead_repeats > 1:
                     series = overhead_series(pipe, args.seconds, args.overhead_repeats)
                     overhead = series.get("compiled", series["numpy"])["median_run"]  # the headline: the median run
+                else:
+                    overhead = runtime_overhead(pipe, args.seconds)
             pipes.append((backend, precision, pipe))
 
     def request(pipe, batch: int, nfe: int):

@@ -13,7 +13,3 @@ if os.environ.get("FEWSTEP_NATIVE", "1") != "0":
         from . import _native as lib
     except ImportError:
         lib = None
-
-
-def available() -> bool:
-    return lib is not None

@@ -77,10 +77,11 @@ def request_noise(seed: int, start: int, count: int, draws: int, shape: tuple[in
         raise ValueError(f"draws must lie in 0..{MAX_DRAWS}")
     if start < 0 or (start + count) * MAX_DRAWS > 2**64:
         raise ValueError("image indices must lie in 0..2^56 - 1")
+    size = math.prod(shape)
     if native.lib is not None:  # the same loop in C (runtime/_native.c): one call instead of ~30 small array ops
         out = np.empty((count, draws, *shape), np.float32)
-        native.lib.noise(seed % 2**64, start, count, draws, math.prod(shape), out)
+        native.lib.noise(seed % 2**64, start, count, draws, size, out)
         return out
     ids = np.arange(start, start + count, dtype=np.uint64)[:, None] * np.uint64(MAX_DRAWS) \
         + np.arange(draws, dtype=np.uint64)[None, :]
-    return normals(seed, ids, int(np.prod(shape))).reshape(count, draws, *shape)
+    return normals(seed, ids, size).reshape(count, draws, *shape)
