@@ -91,9 +91,9 @@ class Batch:
     """Everything random about one step, drawn up front from the run's generator (so resuming is exact)."""
 
     cond: dict  # the student's (and fake score's) condition
-    k: int  # which student step is trained
+    k: torch.Tensor  # (N,) which student step each sample trains: every step, in equal shares
     noise: torch.Tensor  # (N, C, H, W) the student's starting noise
-    renoise: torch.Tensor  # (k, N, C, H, W) fresh noise for backward simulation
+    renoise: torch.Tensor  # (K-1, N, C, H, W) fresh noise for backward simulation (K student steps)
     sigma_dm: torch.Tensor  # (N,) DM-loss noise level, t in [min_t, max_t]
     eps_dm: torch.Tensor
     sigma_gan_g: torch.Tensor  # (N,) noise level of generated images in the generator's GAN loss
@@ -156,21 +156,26 @@ def cat_cond(*conds: dict) -> dict:
 
 
 def student_input(generator, sigmas: torch.Tensor, batch: Batch, cfg: DMD2Config) -> torch.Tensor:
-    """The generator's input at its k-th timestep (DMD2 §4.5).
+    """Each sample's generator input at its timestep k (DMD2 §4.5).
 
     k = 0: pure noise at the top sigma. Otherwise backward simulation: k student steps from noise without
     grad, each x0 = G(x, sigma_i) re-noised to sigma_{i+1} with fresh noise, so training sees what
-    inference feeds the generator; without it, real data noised to sigma_k (DMD2's ablation).
+    inference feeds the generator; without it, real data noised to sigma_k (DMD2's ablation). Step i runs
+    only on the samples that go past it, so a batch costs what one sample per k would, times N / K.
     """
+    k = batch.k.to(batch.noise.device)
     x = batch.noise * sigmas[0].item()  # (N, C, H, W)
-    if batch.k == 0:
+    if int(k.max()) == 0:
         return x
     if not cfg.backward_simulation:
-        return batch.real + sigmas[batch.k].item() * batch.noise
+        noised_real = batch.real + _per_sample(sigmas[k], x) * batch.noise
+        return torch.where(_per_sample(k, x) > 0, noised_real, x)
     with torch.no_grad():
-        for i in range(batch.k):
-            x0 = generator(x, sigmas[i].to(x).expand(x.shape[0]), batch.cond)
-            x = x0.float() + sigmas[i + 1].item() * batch.renoise[i]
+        for i in range(int(k.max())):
+            go_on = k > i  # the samples whose step lies past i
+            x0 = generator(x[go_on], sigmas[i].to(x).expand(int(go_on.sum())),
+                           {name: v[go_on] for name, v in batch.cond.items()})
+            x[go_on] = x0.float() + sigmas[i + 1].item() * batch.renoise[i][go_on]
     return x
 
 
@@ -253,7 +258,7 @@ def draw_batch(cfg: DMD2Config, teacher, real_data, pairs, num_student_steps: in
     """All the randomness of one step, from the run's generator, in a fixed order.
 
     Every process draws the global batch (world * batch_size) from the same generator and keeps its own
-    slice: one random stream, so a resumed or re-sharded run sees the same data, and k agrees everywhere.
+    slice: one random stream, so a resumed or re-sharded run sees the same data.
     """
     n, shape, schedule = cfg.batch_size * world, teacher.x_shape, teacher.denoiser.schedule
     mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
@@ -272,9 +277,12 @@ def draw_batch(cfg: DMD2Config, teacher, real_data, pairs, num_student_steps: in
     else:
         cond_labels = None
     cond = _condition(teacher, cond_labels)
-    k = int(torch.randint(0, num_student_steps, (), generator=gen))
+    # Every update trains every student step, on equal shares of the batch. The reference draws one k per GPU,
+    # so its global batch (64-128 GPUs) mixes all steps too; one k per batch here would give each step a
+    # quarter of the updates, and leave Adam's moments alternating between the steps' gradients.
+    k = (torch.arange(n) % num_student_steps)[mine].to(device)
     noise = randn()
-    renoise = randn(k) if cfg.backward_simulation else randn(0)
+    renoise = randn(num_student_steps - 1) if cfg.backward_simulation else randn(0)
     sigma_dm, eps_dm = sigmas(cfg.min_t, cfg.max_t), randn()
     sigma_gan_g, eps_gan_g = sigmas(), randn()
     sigma_fake, eps_fake = sigmas(), randn()
@@ -289,8 +297,8 @@ def draw_batch(cfg: DMD2Config, teacher, real_data, pairs, num_student_steps: in
                                                    else [labels[i] for i in idx.tolist()])
         real_cond = _condition(teacher, real_labels)
         sigma_real, eps_real = sigmas(), randn()
-        if k > 0 and not cfg.backward_simulation:  # the generator's input is this real image, noised: its condition
-            cond = real_cond
+        if num_student_steps > 1 and not cfg.backward_simulation:  # inputs are these real images, noised:
+            cond = real_cond  # their condition (for k = 0 too, whose input is pure noise)
     batch_pairs = None
     if pairs is not None:
         idx = torch.randint(0, len(pairs[0]), (n,), generator=gen)[mine]
@@ -484,8 +492,8 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
                            accelerator.process_index, accelerator.num_processes)
         with autocast(device, precision):
             x_in = student_input(generator, student_sigmas, batch, cfg).float()
-        sigma_in = student_sigmas[batch.k].float().expand(cfg.batch_size)  # (N,)
-        logs = {"k": batch.k}
+        sigma_in = student_sigmas[batch.k].float()  # (N,)
+        logs = {}
         if step % cfg.dfake_gen_update_ratio == 0:  # two time-scale rule
             g_logs, x_gen = generator_step(nets, opt_g, scaler_g, batch, x_in, sigma_in, cfg, step, accelerator,
                                            precision)

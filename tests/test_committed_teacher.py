@@ -38,3 +38,18 @@ def test_committed_teacher_quality():
     bad = sample_teacher(teacher, "ddim", 1, 500, labels, seed=0, progress=False)
     assert digits_metric()(bad, labels.numpy())["fd"] > 2 * result["fd"]
 
+
+
+def test_selection_score_uses_fixed_noise_whatever_the_chunking():
+    """DMD2's checkpoint rating samples in chunks to bound memory; the chunks must add up to the same rating."""
+    from distill.run import digits_selection_score
+
+    teacher = load_teacher(TEACHER_DIR)
+    sigmas = teacher.denoiser.schedule.t_to_sigma(torch.tensor([999, 267], dtype=torch.float64)).float()
+    whole, chunked = digits_selection_score(teacher, n=60, chunk=60), digits_selection_score(teacher, n=60, chunk=25)
+    with torch.no_grad():
+        a, b = whole(teacher.denoiser, sigmas), chunked(teacher.denoiser, sigmas)
+        assert b == pytest.approx(a, rel=1e-4)
+        assert chunked(teacher.denoiser, sigmas) == b  # the same noise at every rating
+        # and the rating separates generators: the teacher's 1-step prediction is blurrier than its 2-step loop
+        assert whole(teacher.denoiser, sigmas[:1]) > a
