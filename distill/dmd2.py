@@ -54,6 +54,9 @@ class DMD2Config:
     backward_simulation: bool = True  # multi-step inputs from the student's own steps (else noised real data)
     regression_weight: float = 0.0  # the original DMD's regression loss (needs regression pairs); off in DMD2
     ema_decay: float | None = None
+    # A student bundle of this teacher (e.g. a 1-step one) whose network the generator starts from instead of
+    # the teacher's: a multi-step student then starts with a first step that already makes samples.
+    init_generator: str | None = None
     lora_rank: int | None = None  # LoRA (peft) on the generator only
     mixed_precision: str | None = None  # "no" | "bf16" | "fp16"; None = bf16 on CUDA, no on CPU
     seed: int = 0
@@ -380,6 +383,21 @@ def add_lora(backbone, rank: int) -> None:
     backbone.unet = get_peft_model(backbone.unet, config)
 
 
+def start_from_student(generator: VPDenoiser, bundle_dir: str) -> None:
+    """Load a student bundle's UNet into the generator, strictly: same architecture and prediction type."""
+    from .bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    if bundle.denoiser.prediction_type != generator.prediction_type:
+        raise UserError(f"init_generator {bundle_dir} predicts {bundle.denoiser.prediction_type}, this teacher "
+                        f"{generator.prediction_type}: start from a student of this teacher")
+    try:
+        generator.net.unet.load_state_dict(bundle.denoiser.net.unet.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise UserError(f"init_generator {bundle_dir} is not a student of this teacher (its UNet differs: "
+                        f"{str(e).splitlines()[0]})") from None
+
+
 def student_unet(generator: VPDenoiser, ema: dict | None):
     """The plain diffusers UNet to ship: EMA weights if kept, LoRA merged in."""
     net = copy.deepcopy(generator.net)
@@ -428,6 +446,8 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     real = teacher.denoiser.eval().requires_grad_(False)
     fake_denoiser = copy.deepcopy(real).train().requires_grad_(True)
     generator = copy.deepcopy(real).train().requires_grad_(True)
+    if cfg.init_generator:
+        start_from_student(generator, cfg.init_generator)
     if cfg.lora_rank:
         add_lora(generator.net, cfg.lora_rank)
     head = None

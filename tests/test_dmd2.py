@@ -245,6 +245,22 @@ def test_backward_simulation_feeds_what_the_bundle_loop_feeds(teacher, student_3
             assert torch.equal(x_in[j], batch.noise[j] * train_sigmas[0].item())
 
 
+def test_generator_starts_from_a_student_of_the_same_teacher_only(teacher, student_3step, tmp_path):
+    """init_generator: a 2-step student trained at LR 0 ships the 3-step student's weights unchanged (they
+    differ from the teacher's); a teacher of another architecture refuses that student with a clear error."""
+    cfg = DMD2Config(steps=1, batch_size=2, student_timesteps=(999, 499), use_gan=False, lr_generator=0.0,
+                     lr_fake=0.0, warmup=0, init_generator=str(student_3step))
+    out = train_dmd2(cfg, teacher, None, tmp_path / "from_student", progress=False)
+    shipped = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    start = load_file(student_3step / "unet" / "diffusion_pytorch_model.safetensors")
+    assert shipped.keys() == start.keys() and all(torch.equal(shipped[k], start[k]) for k in start)
+    teacher_weights = teacher.denoiser.net.unet.state_dict()
+    assert any(not torch.equal(start[k], teacher_weights[k]) for k in start)
+    unconditional = load_teacher(make_tiny_pixel_dir(tmp_path / "unconditional"))  # no class embedding
+    with pytest.raises(UserError, match="not a student of this teacher"):
+        train_dmd2(cfg, unconditional, None, tmp_path / "other", progress=False)
+
+
 # ---- 5-8: resumption, damaged states, NaN --------------------------------------------------------------------
 
 
