@@ -237,8 +237,10 @@ def test_backward_simulation_feeds_what_the_bundle_loop_feeds(teacher, student_3
     assert len(recorder.calls) == 3 and out.shape == batch.noise.shape
     for j, k in enumerate(batch.k.tolist()):
         x_loop, _ = recorder.calls[k]
-        # the loop runs the whole batch and the simulation a part of it: equal up to batch-size rounding
-        assert torch.allclose(x_in[j], x_loop[j], rtol=1e-6, atol=1e-5), (j, k, (x_in[j] - x_loop[j]).abs().max())
+        # the loop runs the whole batch and the simulation a part of it: equal up to float32 rounding, which
+        # depends on the batch size and the machine, so the tolerance scales with the input (up to σ_max·|z|)
+        error = (x_in[j] - x_loop[j]).abs().max()
+        assert error <= 1e-5 * x_loop[j].abs().max(), (j, k, error)
         if k > 0:  # the simulated input is not plain noise: the student's steps went into it
             assert not torch.allclose(x_in[j], batch.noise[j] * train_sigmas[k].item(), atol=1e-3)
         else:
