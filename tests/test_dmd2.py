@@ -247,6 +247,23 @@ def test_backward_simulation_feeds_what_the_bundle_loop_feeds(teacher, student_3
             assert torch.equal(x_in[j], batch.noise[j] * train_sigmas[0].item())
 
 
+def test_step_conditioned_fake_learns_the_student_step(teacher, tmp_path):
+    """step_conditioned_fake: each sample's student step reaches the fake score through the step embedding,
+    whose last layer starts at zero (the fake score starts as the teacher) and only trains when k arrives.
+    Off, or for a 1-step student, the fake score has no such input."""
+    data = real_data()
+
+    def fake_state(name, **kw):
+        train_dmd2(small_config(steps=4, **kw), teacher, data, tmp_path / name, progress=False)
+        return load_state(tmp_path / name / "state.safetensors")["fake"]
+
+    on = fake_state("on", student_timesteps=(999, 499), step_conditioned_fake=True)
+    last = [k for k in on if "embedding.mlp.2." in k]
+    assert len(last) == 2 and all(on[k].abs().max() > 0 for k in last)
+    assert not any("embedding.mlp" in k for k in fake_state("off", student_timesteps=(999, 499)))
+    assert not any("embedding.mlp" in k for k in fake_state("one_step", step_conditioned_fake=True))
+
+
 def test_generator_starts_from_a_student_of_the_same_teacher_only(teacher, student_3step, tmp_path):
     """init_generator: a 2-step student trained at LR 0 ships the 3-step student's weights unchanged (they
     differ from the teacher's); a teacher of another architecture refuses that student with a clear error."""
