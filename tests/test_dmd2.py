@@ -264,6 +264,34 @@ def test_step_conditioned_fake_learns_the_student_step(teacher, tmp_path):
     assert not any("embedding.mlp" in k for k in fake_state("one_step", step_conditioned_fake=True))
 
 
+def test_steps_probe_runs_the_bundle_loop_and_swaps_one_step(teacher, student_3step):
+    """distill.steps_probe's loop is the shipped loop; putting the teacher at step 1 leaves step 0 as it was
+    and changes every later output."""
+    from distill.steps_probe import loop
+
+    bundle = load_bundle(student_3step)
+    sigmas, g = bundle.sigmas(3), torch.Generator().manual_seed(0)
+    noise, renoise = torch.randn(4, 1, 8, 8, generator=g), torch.randn(2, 4, 1, 8, 8, generator=g)
+    cond = bundle.cond(torch.tensor([0, 1, 2, 0]))
+    with torch.no_grad():
+        student = loop([bundle.denoiser] * 3, noise * sigmas[0].item(), sigmas, cond, renoise)
+        swapped = loop([bundle.denoiser, teacher.denoiser, bundle.denoiser], noise * sigmas[0].item(), sigmas, cond,
+                       renoise)
+        shipped = bundle.generate(noise, cond, 3, fresh_noise=renoise)
+    assert torch.equal(student[-1], shipped)
+    assert torch.equal(swapped[0], student[0])
+    assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(swapped[1:], student[1:]))
+
+
+def test_steps_probe_refuses_what_it_cannot_measure(student_3step, tmp_path, capsys):
+    from distill.steps_probe import main
+
+    for path, message in ((tmp_path, "is not a student bundle"), (student_3step, "is not the digits teacher")):
+        with pytest.raises(SystemExit) as e:
+            main([str(path)])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_generator_starts_from_a_student_of_the_same_teacher_only(teacher, student_3step, tmp_path):
     """init_generator: a 2-step student trained at LR 0 ships the 3-step student's weights unchanged (they
     differ from the teacher's); a teacher of another architecture refuses that student with a clear error."""
