@@ -23,7 +23,6 @@ from .denoiser import VPDenoiser, guided
 from .errors import UserError
 from .gan_head import BottleneckTap, FakeScore, GANHead
 from .losses import WEIGHTINGS, denoising_loss, dm_loss, gan_d_loss, gan_g_loss, regression_loss
-from .nfe_condition import NFEConditioned, NFEEmbedding, time_embed_dim
 from .training import RESUMABLE_CHANGES, autocast, check_finite, optimizer_step, resolve_precision, run_loop
 
 # Where LoRA goes when `lora_rank` is set: attention projections, feed-forwards and resnet convs (the
@@ -53,11 +52,6 @@ class DMD2Config:
     max_t: float = 0.98
     student_timesteps: tuple[int, ...] = (999,)  # e.g. (999, 749, 499, 249) for a 4-step student
     backward_simulation: bool = True  # multi-step inputs from the student's own steps (else noised real data)
-    # Multi-step: tell the fake score which student step made each sample (an embedding added to its time
-    # embedding, SFD-v's; zero at the start). Without it the fake score models the mixture of all steps'
-    # outputs, so a step whose outputs are already good is still pushed away from the worse ones of the other
-    # steps. No effect on a 1-step student.
-    step_conditioned_fake: bool = False
     regression_weight: float = 0.0  # the original DMD's regression loss (needs regression pairs); off in DMD2
     ema_decay: float | None = None
     # A student bundle of this teacher (e.g. a 1-step one) whose network the generator starts from instead of
@@ -93,7 +87,6 @@ class Nets:
     uncond: object  # n -> the teacher's null condition (or None)
     weighting: object  # the fake score's denoising weighting (its prediction type's)
     sigma0: float  # the student's first (top) noise level
-    step_conditioned: bool  # the fake score also takes the student step (`step_conditioned_fake`)
 
 
 @dataclass
@@ -165,13 +158,6 @@ def cat_cond(*conds: dict) -> dict:
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
-def fake_cond(nets: Nets, cond: dict, k: torch.Tensor) -> dict:
-    """The fake score's condition: the sample's, plus the student step k that made it when the fake score is
-    step-conditioned (under NFEConditioned's integer input name). Real images in the GAN loss get the
-    batch's k's too, so the step says nothing about real or generated."""
-    return cond | {"nfe": k} if nets.step_conditioned else cond
-
-
 def student_input(generator, sigmas: torch.Tensor, batch: Batch, cfg: DMD2Config) -> torch.Tensor:
     """Each sample's generator input at its timestep k (DMD2 §4.5).
 
@@ -214,14 +200,14 @@ def generator_step(nets: Nets, opt, scaler, batch: Batch, x_in: torch.Tensor, si
     x_t = (x + _per_sample(batch.sigma_dm, x) * batch.eps_dm).detach()
     with torch.no_grad(), autocast(device, precision):
         real_x0 = guided(nets.real, nets.guidance_scale, nets.uncond(n))(x_t, batch.sigma_dm, batch.cond)
-        fake_x0, _ = nets.fake(x_t, batch.sigma_dm, fake_cond(nets, batch.cond, batch.k), logits=False)
+        fake_x0, _ = nets.fake(x_t, batch.sigma_dm, batch.cond, logits=False)
     losses = {"dm": dm_loss(x, real_x0, fake_x0)}
     total = losses["dm"]
     if nets.fake.head is not None and cfg.gan_g_weight > 0:
         # Non-saturating GAN loss through the frozen fake score and head, back to x.
         with frozen(nets.fake), autocast(device, precision):
             _, logits = nets.fake(x + _per_sample(batch.sigma_gan_g, x) * batch.eps_gan_g, batch.sigma_gan_g,
-                                  fake_cond(nets, batch.cond, batch.k))
+                                  batch.cond)
         losses["gan_g"] = gan_g_loss(logits)
         total = total + cfg.gan_g_weight * losses["gan_g"]
     if batch.pairs is not None:
@@ -244,11 +230,11 @@ def fake_step(nets: Nets, opt, scaler, batch: Batch, x_gen: torch.Tensor, cfg: D
     n = x_gen.shape[0]
     x_gen = x_gen.detach().float()
     inputs = x_gen + _per_sample(batch.sigma_fake, x_gen) * batch.eps_fake
-    sigmas, cond = batch.sigma_fake, fake_cond(nets, batch.cond, batch.k)
+    sigmas, cond = batch.sigma_fake, batch.cond
     if nets.fake.head is not None:
         inputs = torch.cat([inputs, batch.real + _per_sample(batch.sigma_real, batch.real) * batch.eps_real])
         sigmas = torch.cat([sigmas, batch.sigma_real])
-        cond = cat_cond(cond, fake_cond(nets, batch.real_cond, batch.k))
+        cond = cat_cond(batch.cond, batch.real_cond)
     with autocast(x_gen.device, precision):
         x0, logits = nets.fake_train(inputs, sigmas, cond)
     losses = {"fake": denoising_loss(x0[:n], x_gen, batch.sigma_fake, nets.weighting)}
@@ -460,10 +446,6 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     real = teacher.denoiser.eval().requires_grad_(False)
     fake_denoiser = copy.deepcopy(real).train().requires_grad_(True)
     generator = copy.deepcopy(real).train().requires_grad_(True)
-    step_conditioned = cfg.step_conditioned_fake and len(student_sigmas) > 1
-    if step_conditioned:
-        embedding = NFEEmbedding(time_embed_dim(fake_denoiser.net.unet)).to(device)
-        fake_denoiser.net = NFEConditioned(fake_denoiser.net, embedding)
     if cfg.init_generator:
         start_from_student(generator, cfg.init_generator)
     if cfg.lora_rank:
@@ -489,7 +471,7 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     generator_train, fake_train, opt_g, opt_f = accelerator.prepare(generator, fake, opt_g, opt_f)
     scale = teacher.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
     nets = Nets(real, generator, fake, generator_train, fake_train, scale, teacher.uncond,
-                WEIGHTINGS[real.prediction_type], float(student_sigmas[0]), step_conditioned)
+                WEIGHTINGS[real.prediction_type], float(student_sigmas[0]))
     scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     scaler_f = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = ({k: v.detach().clone() for k, v in generator.net.state_dict().items()}

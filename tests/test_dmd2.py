@@ -247,23 +247,6 @@ def test_backward_simulation_feeds_what_the_bundle_loop_feeds(teacher, student_3
             assert torch.equal(x_in[j], batch.noise[j] * train_sigmas[0].item())
 
 
-def test_step_conditioned_fake_learns_the_student_step(teacher, tmp_path):
-    """step_conditioned_fake: each sample's student step reaches the fake score through the step embedding,
-    whose last layer starts at zero (the fake score starts as the teacher) and only trains when k arrives.
-    Off, or for a 1-step student, the fake score has no such input."""
-    data = real_data()
-
-    def fake_state(name, **kw):
-        train_dmd2(small_config(steps=4, **kw), teacher, data, tmp_path / name, progress=False)
-        return load_state(tmp_path / name / "state.safetensors")["fake"]
-
-    on = fake_state("on", student_timesteps=(999, 499), step_conditioned_fake=True)
-    last = [k for k in on if "embedding.mlp.2." in k]
-    assert len(last) == 2 and all(on[k].abs().max() > 0 for k in last)
-    assert not any("embedding.mlp" in k for k in fake_state("off", student_timesteps=(999, 499)))
-    assert not any("embedding.mlp" in k for k in fake_state("one_step", step_conditioned_fake=True))
-
-
 def test_steps_probe_runs_the_bundle_loop_and_swaps_one_step(teacher, student_3step):
     """distill.steps_probe's loop is the shipped loop; putting the teacher at step 1 leaves step 0 as it was
     and changes every later output."""
