@@ -52,10 +52,6 @@ class DMD2Config:
     max_t: float = 0.98
     student_timesteps: tuple[int, ...] = (999,)  # e.g. (999, 749, 499, 249) for a 4-step student
     backward_simulation: bool = True  # multi-step inputs from the student's own steps (else noised real data)
-    # Multi-step: the DM loss on step k's outputs noises them only up to the step's own t (t_k / t_max, not
-    # max_t). Matching the data at low noise is matching it at every noise, so the optimum is unchanged; what
-    # goes is the gradient at noise levels above the step's input, about content the input already fixed.
-    dm_noise_up_to_step: bool = False
     regression_weight: float = 0.0  # the original DMD's regression loss (needs regression pairs); off in DMD2
     ema_decay: float | None = None
     # A student bundle of this teacher (e.g. a 1-step one) whose network the generator starts from instead of
@@ -273,7 +269,7 @@ def draw_batch(cfg: DMD2Config, teacher, real_data, pairs, num_student_steps: in
     def randn(*lead):  # (*lead, N, C, H, W) -> this process's rows
         return torch.randn((*lead, n, *shape), generator=gen)[..., mine, :, :, :].to(device)
 
-    def sigmas(lo=0.0, hi=1.0):  # hi: a number, or one per sample of the global batch
+    def sigmas(lo=0.0, hi=1.0):
         return sigma_at(schedule, lo + (hi - lo) * torch.rand(n, generator=gen))[mine].to(device)
 
     images, labels = real_data if real_data is not None else (None, None)
@@ -287,15 +283,10 @@ def draw_batch(cfg: DMD2Config, teacher, real_data, pairs, num_student_steps: in
     # Every update trains every student step, on equal shares of the batch. The reference draws one k per GPU,
     # so its global batch (64-128 GPUs) mixes all steps too; one k per batch here would give each step a
     # quarter of the updates, and leave Adam's moments alternating between the steps' gradients.
-    k_all = torch.arange(n) % num_student_steps
-    k = k_all[mine].to(device)
+    k = (torch.arange(n) % num_student_steps)[mine].to(device)
     noise = randn()
     renoise = randn(num_student_steps - 1) if cfg.backward_simulation else randn(0)
-    dm_hi = cfg.max_t
-    if cfg.dm_noise_up_to_step and num_student_steps > 1:
-        step_u = torch.tensor(cfg.student_timesteps, dtype=torch.float32)[k_all] / schedule.t_max
-        dm_hi = step_u.clamp(cfg.min_t, cfg.max_t)
-    sigma_dm, eps_dm = sigmas(cfg.min_t, dm_hi), randn()
+    sigma_dm, eps_dm = sigmas(cfg.min_t, cfg.max_t), randn()
     sigma_gan_g, eps_gan_g = sigmas(), randn()
     sigma_fake, eps_fake = sigmas(), randn()
     real, real_cond, sigma_real, eps_real = None, {}, None, None

@@ -247,24 +247,6 @@ def test_backward_simulation_feeds_what_the_bundle_loop_feeds(teacher, student_3
             assert torch.equal(x_in[j], batch.noise[j] * train_sigmas[0].item())
 
 
-def test_dm_noise_up_to_step_caps_each_samples_dm_noise_at_its_step(teacher):
-    """dm_noise_up_to_step: step k's samples get DM-loss noise up to sigma(t_k) only (step 0: up to max_t, as
-    without it); every other draw of the batch is unchanged, so the flag alters nothing else."""
-    schedule = teacher.denoiser.schedule
-    off, on = (draw_batch(DMD2Config(batch_size=30, student_timesteps=THREE_STEPS, use_gan=False,
-                                     dm_noise_up_to_step=flag), teacher, None, None, 3,
-                          torch.Generator().manual_seed(0), "cpu") for flag in (False, True))
-    assert torch.equal(off.noise, on.noise) and torch.equal(off.eps_dm, on.eps_dm)
-    assert torch.equal(off.sigma_fake, on.sigma_fake) and torch.equal(off.renoise, on.renoise)
-    first = on.k == 0
-    assert torch.allclose(on.sigma_dm[first], off.sigma_dm[first], rtol=1e-6)
-    for k in (1, 2):
-        cap = float(schedule.t_to_sigma(torch.tensor(float(THREE_STEPS[k]))))
-        mine = on.k == k
-        assert bool((on.sigma_dm[mine] <= cap * (1 + 1e-5)).all())
-        assert bool((off.sigma_dm[mine] > cap).any())  # without the flag the same draws go above it
-
-
 def test_steps_probe_runs_the_bundle_loop_and_swaps_one_step(teacher, student_3step):
     """distill.steps_probe's loop is the shipped loop; putting the teacher at step 1 leaves step 0 as it was
     and changes every later output."""
