@@ -39,7 +39,8 @@ def probe(bundle_dir: Path, teacher, n: int = 1000) -> dict:
 
     bundle = load_bundle(bundle_dir)
     if bundle.manifest["method"] != "dmd2":
-        raise UserError(f"{bundle_dir} is a {bundle.manifest['method']} student; the probe reads DMD2's re-noising loop")
+        raise UserError(f"{bundle_dir} is a {bundle.manifest['method']} student; the probe reads DMD2's "
+                        "re-noising loop")
     metric = digits_metric()
 
     def fd(x0, labels):
