@@ -10,6 +10,7 @@ Multi-step students use fixed timesteps and backward simulation. The result is a
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from .bundle import base_manifest, write_bundle
 from .denoiser import VPDenoiser, guided
 from .errors import UserError
 from .gan_head import BottleneckTap, FakeScore, GANHead
-from .losses import WEIGHTINGS, denoising_loss, dm_loss, gan_d_loss, gan_g_loss, regression_loss
+from .losses import WEIGHTINGS, anchor_loss, denoising_loss, dm_loss, gan_d_loss, gan_g_loss, regression_loss
 from .training import RESUMABLE_CHANGES, autocast, check_finite, optimizer_step, resolve_precision, run_loop
 
 # Where LoRA goes when `lora_rank` is set: attention projections, feed-forwards and resnet convs (the
@@ -53,6 +54,13 @@ class DMD2Config:
     student_timesteps: tuple[int, ...] = (999,)  # e.g. (999, 749, 499, 249) for a 4-step student
     backward_simulation: bool = True  # multi-step inputs from the student's own steps (else noised real data)
     regression_weight: float = 0.0  # the original DMD's regression loss (needs regression pairs); off in DMD2
+    # Student steps whose sigma is at most this (e.g. a 4-step student's last one) learn the frozen teacher's own
+    # x0 on their backward-simulated inputs (MSE, weight `anchor_weight`) instead of DM + GAN, and their outputs
+    # stay out of the fake score's training. At low noise the teacher's one call is already near the data, and
+    # distribution matching (which pins only the mixture of all steps' outputs) drifts it (distill.steps_probe).
+    # 0 trains every step by distribution matching (the reference).
+    anchor_sigma: float = 0.0
+    anchor_weight: float = 1.0
     ema_decay: float | None = None
     # A student bundle of this teacher (e.g. a 1-step one) whose network the generator starts from instead of
     # the teacher's: a multi-step student then starts with a first step that already makes samples.
@@ -108,6 +116,15 @@ class Batch:
     sigma_real: torch.Tensor | None
     eps_real: torch.Tensor | None
     pairs: tuple | None  # (noise, cond, teacher x0) for the regression loss
+
+
+def take(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The batch restricted to the student samples in `rows` (a bool mask over N); the real data stays whole."""
+    return dataclasses.replace(
+        batch, cond={name: v[rows] for name, v in batch.cond.items()}, k=batch.k[rows], noise=batch.noise[rows],
+        renoise=batch.renoise[:, rows], sigma_dm=batch.sigma_dm[rows], eps_dm=batch.eps_dm[rows],
+        sigma_gan_g=batch.sigma_gan_g[rows], eps_gan_g=batch.eps_gan_g[rows], sigma_fake=batch.sigma_fake[rows],
+        eps_fake=batch.eps_fake[rows])
 
 
 def gan_enabled(cfg: DMD2Config) -> bool:
@@ -184,7 +201,9 @@ def student_input(generator, sigmas: torch.Tensor, batch: Batch, cfg: DMD2Config
 
 def generator_step(nets: Nets, opt, scaler, batch: Batch, x_in: torch.Tensor, sigma_in: torch.Tensor,
                    cfg: DMD2Config, step: int, accelerator, precision: str) -> tuple[dict, torch.Tensor]:
-    """One generator update: DM loss (+ w_G * GAN loss, + regression). Returns logs and the detached output."""
+    """One generator update: DM loss (+ w_G * GAN loss, + regression) on the distribution-matched rows, the
+    teacher anchor on the rows at sigma <= anchor_sigma. Returns logs and the detached output of the
+    distribution-matched rows (what the fake score trains on)."""
     params = [p for p in nets.generator.parameters() if p.requires_grad]
     n, device = x_in.shape[0], x_in.device
     inputs, sigmas, cond = x_in, sigma_in, batch.cond
@@ -195,21 +214,30 @@ def generator_step(nets: Nets, opt, scaler, batch: Batch, x_in: torch.Tensor, si
         cond = cat_cond(batch.cond, p_cond)
     with autocast(device, precision):
         out = nets.generator_train(inputs, sigmas, cond)
-    x = out[:n].float()  # (N, C, H, W) the student's x0, with grad
+    x_all = out[:n].float()  # (N, C, H, W) the student's x0, with grad
+    matched = sigma_in > cfg.anchor_sigma  # (N,) rows trained by distribution matching (all, by default)
+    x, mb = x_all[matched], take(batch, matched)
+    m = x.shape[0]
     # DM loss (DMD2 eq. 2 / DESIGN §3): real (CFG) and fake x0 at a noised copy of x.
-    x_t = (x + _per_sample(batch.sigma_dm, x) * batch.eps_dm).detach()
+    x_t = (x + _per_sample(mb.sigma_dm, x) * mb.eps_dm).detach()
     with torch.no_grad(), autocast(device, precision):
-        real_x0 = guided(nets.real, nets.guidance_scale, nets.uncond(n))(x_t, batch.sigma_dm, batch.cond)
-        fake_x0, _ = nets.fake(x_t, batch.sigma_dm, batch.cond, logits=False)
+        real_x0 = guided(nets.real, nets.guidance_scale, nets.uncond(m))(x_t, mb.sigma_dm, mb.cond)
+        fake_x0, _ = nets.fake(x_t, mb.sigma_dm, mb.cond, logits=False)
     losses = {"dm": dm_loss(x, real_x0, fake_x0)}
     total = losses["dm"]
     if nets.fake.head is not None and cfg.gan_g_weight > 0:
         # Non-saturating GAN loss through the frozen fake score and head, back to x.
         with frozen(nets.fake), autocast(device, precision):
-            _, logits = nets.fake(x + _per_sample(batch.sigma_gan_g, x) * batch.eps_gan_g, batch.sigma_gan_g,
-                                  batch.cond)
+            _, logits = nets.fake(x + _per_sample(mb.sigma_gan_g, x) * mb.eps_gan_g, mb.sigma_gan_g, mb.cond)
         losses["gan_g"] = gan_g_loss(logits)
         total = total + cfg.gan_g_weight * losses["gan_g"]
+    if not bool(matched.all()):
+        # The low-noise steps keep to the teacher's own (unguided) x0 on the same inputs.
+        anchored = ~matched
+        with torch.no_grad(), autocast(device, precision):
+            target = nets.real(x_in[anchored], sigma_in[anchored], {k: v[anchored] for k, v in batch.cond.items()})
+        losses["anchor"] = anchor_loss(x_all[anchored], target)
+        total = total + cfg.anchor_weight * losses["anchor"]
     if batch.pairs is not None:
         # The original DMD's regression: G(noise at the top sigma) against the teacher's ODE output.
         losses["regression"] = regression_loss(out[n:], p_target)
@@ -356,6 +384,16 @@ def check_setup(cfg: DMD2Config, teacher, real_data, pairs, score=None) -> None:
     if cfg.lr_schedule not in ("constant", "cosine") or not 0 <= cfg.lr_min_ratio <= 1:
         raise UserError(f"lr_schedule must be constant or cosine and lr_min_ratio in [0, 1]; got {cfg.lr_schedule!r}, "
                         f"{cfg.lr_min_ratio}")
+    if cfg.anchor_sigma < 0 or cfg.anchor_weight < 0:
+        raise UserError(f"anchor_sigma and anchor_weight must be >= 0; got {cfg.anchor_sigma}, {cfg.anchor_weight}")
+    if cfg.anchor_sigma > 0:
+        first_sigma = float(teacher.denoiser.schedule.t_to_sigma(torch.tensor(float(ts[0]))))
+        if cfg.anchor_sigma >= first_sigma:
+            raise UserError(f"anchor_sigma {cfg.anchor_sigma} would anchor the first student step (sigma "
+                            f"{first_sigma:.4g}) too, leaving nothing to distribution matching: set it below that")
+        if cfg.batch_size < len(ts):
+            raise UserError(f"anchor_sigma needs every student step in every process's batch: batch_size "
+                            f"{cfg.batch_size} < {len(ts)} steps")
     if cfg.select_every < 0:
         raise UserError(f"select_every must be 0 (ship the last step) or a number of steps; got {cfg.select_every}")
     if cfg.select_every and score is None:
@@ -514,6 +552,7 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
             x_in = student_input(generator, student_sigmas, batch, cfg).float()
         sigma_in = student_sigmas[batch.k].float()  # (N,)
         logs = {}
+        matched = sigma_in > cfg.anchor_sigma  # the rows whose outputs the fake score tracks (all, by default)
         if step % cfg.dfake_gen_update_ratio == 0:  # two time-scale rule
             g_logs, x_gen = generator_step(nets, opt_g, scaler_g, batch, x_in, sigma_in, cfg, step, accelerator,
                                            precision)
@@ -525,8 +564,8 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
                         ema[k].lerp_(v, 1 - cfg.ema_decay) if v.is_floating_point() else ema[k].copy_(v)
         else:
             with torch.no_grad(), autocast(device, precision):
-                x_gen = generator(x_in, sigma_in, batch.cond)
-        logs |= fake_step(nets, opt_f, scaler_f, batch, x_gen, cfg, step, accelerator, precision)
+                x_gen = generator(x_in[matched], sigma_in[matched], {k: v[matched] for k, v in batch.cond.items()})
+        logs |= fake_step(nets, opt_f, scaler_f, take(batch, matched), x_gen, cfg, step, accelerator, precision)
         counts["fake_updates"] += 1
         if cfg.select_every and ((step + 1) % cfg.select_every == 0 or step + 1 == cfg.steps):
             logs |= select(step + 1)

@@ -68,3 +68,8 @@ def regression_loss(student_x0: torch.Tensor, teacher_x0: torch.Tensor) -> torch
     be fetched offline, so this is plain MSE. DMD2 drops the loss (the two time-scale rule replaces it).
     """
     return F.mse_loss(student_x0.float(), teacher_x0.detach().float())
+
+
+def anchor_loss(student_x0: torch.Tensor, teacher_x0: torch.Tensor) -> torch.Tensor:
+    """MSE between the student's x0 and the frozen teacher's x0 on the same input (DMD2Config.anchor_sigma)."""
+    return F.mse_loss(student_x0.float(), teacher_x0.detach().float())

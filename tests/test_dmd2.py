@@ -449,6 +449,59 @@ def test_lr_schedules():
     assert lr_at(400, 1.0, small_config(steps=401, warmup=100)) == 1.0  # constant: the reference's schedule
 
 
+def test_anchored_steps_learn_the_teacher_and_stay_out_of_the_fake_score(teacher, monkeypatch, tmp_path):
+    """anchor_sigma: the rows of the low-noise step (here the last of three) are trained towards the frozen
+    teacher's own x0 on the very input the generator got, and the fake score only ever sees the other steps'
+    outputs; every step still gets its equal share of the batch."""
+    import distill.dmd2 as dmd2
+
+    sigmas = teacher.denoiser.schedule.t_to_sigma(torch.tensor(THREE_STEPS, dtype=torch.float64))
+    cfg = small_config(batch_size=6, student_timesteps=THREE_STEPS, anchor_sigma=float(sigmas[2]) * 1.01)
+    seen = {"fake_k": [], "anchor": [], "gen": []}
+    original_fake, original_gen, original_anchor = dmd2.fake_step, dmd2.generator_step, dmd2.anchor_loss
+
+    def fake_step(nets, opt, scaler, batch, x_gen, *args):
+        assert len(x_gen) == len(batch.k) == len(batch.sigma_fake) == len(batch.cond["class_labels"])
+        seen["fake_k"].append(batch.k.tolist())
+        return original_fake(nets, opt, scaler, batch, x_gen, *args)
+
+    def generator_step(nets, opt, scaler, batch, x_in, sigma_in, *args):
+        seen["gen"].append((x_in.clone(), sigma_in.clone(), batch.cond["class_labels"].clone(), batch.k.clone()))
+        return original_gen(nets, opt, scaler, batch, x_in, sigma_in, *args)
+
+    def anchor_loss(student_x0, teacher_x0):
+        seen["anchor"].append((student_x0.detach().clone(), teacher_x0.clone()))
+        return original_anchor(student_x0, teacher_x0)
+
+    monkeypatch.setattr(dmd2, "fake_step", fake_step)
+    monkeypatch.setattr(dmd2, "generator_step", generator_step)
+    monkeypatch.setattr(dmd2, "anchor_loss", anchor_loss)
+    out = train_dmd2(cfg, teacher, real_data(), tmp_path, progress=False)
+    assert len(seen["fake_k"]) == cfg.steps and all(sorted(k) == [0, 0, 1, 1] for k in seen["fake_k"])
+    assert len(seen["anchor"]) == len(seen["gen"]) == 3  # generator updates at steps 0, 2, 4
+    records = [r for r in log_records(tmp_path) if "loss_anchor" in r]
+    assert len(records) == 3 and all(r["loss_anchor"] >= 0 for r in records)
+    with torch.no_grad():
+        for (x_in, sigma_in, labels, k), (student_x0, teacher_x0) in zip(seen["gen"], seen["anchor"]):
+            last = k == 2
+            assert int(last.sum()) == 2 and torch.all(sigma_in[last] == sigma_in[last][0])
+            expected = teacher.denoiser(x_in[last], sigma_in[last], {"class_labels": labels[last]})
+            assert torch.allclose(teacher_x0, expected, atol=1e-6) and student_x0.shape == expected.shape
+    # the student did move away from the teacher at the last step (the anchor is a loss, not a copy)
+    assert not torch.allclose(seen["anchor"][-1][0], seen["anchor"][-1][1], atol=1e-6)
+    assert load_bundle(out).manifest["training"]["anchor_sigma"] == cfg.anchor_sigma
+
+
+def test_anchor_settings_that_cannot_work_are_clear_errors(teacher, tmp_path):
+    sigmas = teacher.denoiser.schedule.t_to_sigma(torch.tensor(THREE_STEPS, dtype=torch.float64))
+    with pytest.raises(UserError, match="would anchor the first student step"):
+        train_dmd2(small_config(student_timesteps=THREE_STEPS, anchor_sigma=float(sigmas[0]) + 1), teacher,
+                   real_data(), tmp_path, progress=False)
+    with pytest.raises(UserError, match="batch_size 2 < 3 steps"):
+        train_dmd2(small_config(batch_size=2, student_timesteps=THREE_STEPS, anchor_sigma=float(sigmas[2])),
+                   teacher, real_data(), tmp_path, progress=False)
+
+
 def test_selection_ships_the_best_rated_weights_and_survives_a_resume(teacher, tmp_path):
     """select_every: the bundle holds the generator of the best-rated step (here step 4), also when the run was
     stopped after that rating and resumed; the scorer sees the same weights training had at that step."""
