@@ -1,9 +1,9 @@
 """Evaluate a model or a samples file: `python -m distill.eval --model PATH --sampler S --nfe K`.
 
-Reports the digits FD (classifier feature space, against the training split) and the class accuracy
-of conditional samples; with `--inception-weights FILE` (a local pt_inception weights file, never
-downloaded) also the standard Inception FID. Appends the result to OUT/metrics.jsonl and
-OUT/metrics.json and writes an image grid per evaluated model.
+Reports the digits FD (classifier feature space, against the training split; `fd_heldout` against the
+360 held-out images) and the class accuracy of conditional samples; with `--inception-weights FILE` (a
+local pt_inception weights file, never downloaded) also the standard Inception FID. Appends the result
+to OUT/metrics.jsonl and OUT/metrics.json and writes an image grid per evaluated model.
 """
 
 import argparse
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError, cli_main
-from .metrics import append_record, digits_metric, inception_fid, save_grid
+from .metrics import append_record, digits_scores, inception_fid, save_grid
 from .sample import add_sampling_args, run_sampling
 
 
@@ -23,7 +23,7 @@ def evaluate_images(images: np.ndarray, labels: np.ndarray | None, inception_wei
     result = {}
     if images.shape[1:] == (16, 16, 1):
         has_labels = labels is not None and (np.asarray(labels) >= 0).all()
-        result.update(digits_metric()(images, labels if has_labels else None))
+        result.update(digits_scores(images, labels if has_labels else None))
     if inception_weights is not None:
         if reference is None:
             from .data import load_digits_split, to_uint8

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, cli_main
-
-EVAL_SEED = 1  # evaluate_student's seed in distill.run: the same noise as the reported FD
+from .run import EVAL_SEED  # the same noise as the reported FD
 
 
 def loop(nets: list, x: torch.Tensor, sigmas: torch.Tensor, cond: dict, renoise: torch.Tensor) -> list:

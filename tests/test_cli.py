@@ -87,6 +87,8 @@ def test_eval_on_real_heldout_samples(tmp_path, capsys):
     records = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert len(records) == 1 and records[0]["n"] == 360
     assert records[0]["accuracy"] >= 0.97 and records[0]["fd"] < 0.5
+    # the held-out split against itself: FD 0 there, not against the training split
+    assert records[0]["fd_heldout"] < 1e-4 < 0.01 < records[0]["fd"]
     assert (tmp_path / "ev" / records[0]["grid"].split("/")[-1]).exists()
 
 
@@ -137,3 +139,22 @@ def test_classifier_training_smoke(tmp_path):
         recomputed = (model(x).argmax(1) == y).float().mean().item()
     assert recomputed == pytest.approx(acc)
     assert acc > 0.2  # one epoch already beats chance (0.1)
+
+
+def test_compare_students_summary_and_bad_input(tmp_path, capsys):
+    """Mean and spread over seeds, and seed-for-seed wins against the first model; a folder that is not a
+    student bundle is one error line."""
+    from distill import compare_students
+
+    def model(name, fds, heldouts):
+        return {"name": name, "nfe": 1, "scores": [{"fd": a, "fd_heldout": b, "accuracy": 1.0}
+                                                   for a, b in zip(fds, heldouts)]}
+
+    rows = compare_students.summary([model("a", [0.10, 0.20, 0.30], [0.5, 0.5, 0.5]),
+                                     model("b", [0.05, 0.25, 0.25], [0.6, 0.4, 0.6])])
+    assert rows[1]["fd"] == pytest.approx(0.55 / 3) and rows[1]["fd_sd"] == pytest.approx(np.std([0.05, 0.25, 0.25],
+                                                                                                  ddof=1))
+    assert (rows[1]["fd_wins"], rows[1]["fd_heldout_wins"], rows[0]["fd_wins"]) == (2, 1, 0)
+    assert "| b | 1 | 0.1833 ± 0.1155 |" in compare_students.table(rows, [1, 2, 3], 10)
+    code, err = run_cli(compare_students.main, [str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "is not a student bundle folder" in err and "Traceback" not in err
