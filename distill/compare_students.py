@@ -20,9 +20,10 @@ METRICS = (("fd", "FD ↓"), ("fd_heldout", "held-out FD ↓"), ("accuracy", "cl
 
 
 def compare(bundles: list[Path], seeds: list[int], n: int = 1000, teacher_nfe: int = 0,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, done: dict | None = None) -> list[dict]:
     """One entry per model: name, NFE, per-seed scores. Students at the most NFE they serve; the teacher
-    (DPM-Solver++(2M), its default CFG) when teacher_nfe > 0."""
+    (DPM-Solver++(2M), its default CFG) when teacher_nfe > 0. `done`: {(name, nfe, n, seed): scores} measured
+    before (an earlier --out file), reused instead of sampling again."""
     from tqdm import tqdm
 
     from .adapters import load_teacher
@@ -32,6 +33,11 @@ def compare(bundles: list[Path], seeds: list[int], n: int = 1000, teacher_nfe: i
     from .sample import parse_labels, sample_student, sample_teacher
 
     labels = parse_labels("cycle", n, 10)
+    done = done or {}
+
+    def scores(name, nfe, sample) -> list[dict]:
+        return [done.get((name, nfe, n, seed)) or digits_scores(sample(seed), labels.numpy()) for seed in seeds]
+
     models = []
     for path in tqdm(bundles, desc="students", disable=not progress):
         if not path.is_dir():
@@ -40,15 +46,27 @@ def compare(bundles: list[Path], seeds: list[int], n: int = 1000, teacher_nfe: i
         if bundle.num_classes != 10 or tuple(bundle.x_shape) != (1, 16, 16):
             raise UserError(f"{path} is not a student of the digits teacher (the metrics are the digits ones)")
         nfe = bundle.nfes[-1]
-        runs = [digits_scores(sample_student(bundle, nfe, n, labels, s, progress=False), labels.numpy()) for s in seeds]
-        models.append({"name": str(path), "nfe": nfe, "seeds": seeds, "scores": runs})
+        runs = scores(str(path), nfe,
+                      lambda seed, b=bundle, k=nfe: sample_student(b, k, n, labels, seed, progress=False))
+        models.append({"name": str(path), "nfe": nfe, "n": n, "seeds": seeds, "scores": runs})
     if teacher_nfe:
         teacher = load_teacher(TEACHER_DIR)
-        runs = [digits_scores(sample_teacher(teacher, "dpmpp-2m", teacher_nfe, n, labels, s, progress=progress),
-                              labels.numpy()) for s in seeds]
-        models.append({"name": f"teacher, DPM-Solver++(2M) {teacher_nfe} steps", "nfe": teacher_nfe, "seeds": seeds,
-                       "scores": runs})
+        name = f"teacher, DPM-Solver++(2M) {teacher_nfe} steps"
+        runs = scores(name, teacher_nfe, lambda seed: sample_teacher(teacher, "dpmpp-2m", teacher_nfe, n, labels, seed,
+                                                                     progress=progress))
+        models.append({"name": name, "nfe": teacher_nfe, "n": n, "seeds": seeds, "scores": runs})
     return models
+
+
+def measured(path: Path) -> dict:
+    """{(name, nfe, n, seed): scores} from an earlier --out JSON (empty when there is none)."""
+    if not path.exists():
+        return {}
+    try:
+        models = json.loads(path.read_text())["models"]
+        return {(m["name"], m["nfe"], m["n"], seed): s for m in models for seed, s in zip(m["seeds"], m["scores"])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a compare_students result ({e}); move it away to measure afresh") from None
 
 
 def summary(models: list[dict]) -> list[dict]:
@@ -107,7 +125,8 @@ def main(argv=None):
     p.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated noise seeds (1 is distill.run's)")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--teacher-nfe", type=int, default=0, help="also the teacher's DPM-Solver++(2M) at this NFE")
-    p.add_argument("--out", type=Path, help="write OUT.md, OUT.json and OUT.png")
+    p.add_argument("--out", type=Path, help="write OUT.md, OUT.json and OUT.png; what OUT.json already holds for "
+                                             "the same model, NFE, sample count and seed is reused")
     args = p.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -115,7 +134,8 @@ def main(argv=None):
         raise UserError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
     if not seeds or args.samples < 2:
         raise UserError("need at least one seed and two samples")
-    models = compare(args.bundles, seeds, args.samples, args.teacher_nfe)
+    done = measured(args.out.with_suffix(".json")) if args.out else {}
+    models = compare(args.bundles, seeds, args.samples, args.teacher_nfe, done=done)
     text = table(summary(models), seeds, args.samples)
     print(text)
     if args.out:

@@ -13,6 +13,7 @@ from distill import sample as sample_cli
 from distill.adapters import load_teacher
 from distill.checkpoint import load_state
 from distill.data import load_digits_split, to_uint8
+from distill.errors import UserError
 
 
 def run_cli(main, argv, capsys):
@@ -158,3 +159,23 @@ def test_compare_students_summary_and_bad_input(tmp_path, capsys):
     assert "| b | 1 | 0.1833 ± 0.1155 |" in compare_students.table(rows, [1, 2, 3], 10)
     code, err = run_cli(compare_students.main, [str(tmp_path / "nothing")], capsys)
     assert code == 2 and "is not a student bundle folder" in err and "Traceback" not in err
+
+
+def test_compare_students_reuses_what_its_out_file_holds(tmp_path):
+    """Measurements already in OUT.json (same model, NFE, sample count and seed) are reused, not sampled again;
+    a file that is not a result is a clear error."""
+    from distill import compare_students
+
+    name = "teacher, DPM-Solver++(2M) 50 steps"
+    old = [{"name": name, "nfe": 50, "n": 10, "seeds": [1, 2], "scores": [{"fd": 0.5, "fd_heldout": 0.6,
+                                                                           "accuracy": 1.0}] * 2}]
+    out = tmp_path / "cmp.json"
+    out.write_text(json.dumps({"summary": [], "models": old}))
+    done = compare_students.measured(out)
+    assert set(done) == {(name, 50, 10, 1), (name, 50, 10, 2)}
+    # 50 guided steps of 10 samples per seed would take seconds; reused, nothing is sampled
+    models = compare_students.compare([], [1, 2], n=10, teacher_nfe=50, progress=False, done=done)
+    assert models[0]["scores"] == old[0]["scores"]
+    out.write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a compare_students result"):
+        compare_students.measured(out)
