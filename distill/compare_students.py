@@ -10,6 +10,7 @@ first one on, seed for seed (the same noise, so a paired comparison).
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,15 +106,19 @@ def picture(models: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    colours = plt.get_cmap("tab20")
+    markers = {1: "o"}  # 1-step students round, multi-step square, the teacher a star
     for i, m in enumerate(models):
-        ax.scatter([s["fd"] for s in m["scores"]], [s["fd_heldout"] for s in m["scores"]], color=f"C{i}", s=18,
-                   label=f"{Path(m['name']).parent.name or m['name']} ({m['nfe']} NFE)")
+        teacher = m["name"].startswith("teacher")
+        ax.scatter([s["fd"] for s in m["scores"]], [s["fd_heldout"] for s in m["scores"]], color=colours(i % 20),
+                   marker="*" if teacher else markers.get(m["nfe"], "s"), s=60 if teacher else 22,
+                   label=m["name"] if teacher else f"{Path(m['name']).parent.name} ({m['nfe']} NFE)")
     ax.set(xlabel="FD against the training split (reported)", ylabel="FD against the held-out split",
            title="digits students, one point per noise seed")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -140,7 +145,8 @@ def main(argv=None):
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(text)
+        command = " ".join(["python -m distill.compare_students", *(argv if argv is not None else sys.argv[1:])])
+        args.out.with_suffix(".md").write_text(f"`{command}`\n\n{text}")
         args.out.with_suffix(".json").write_text(json.dumps({"summary": summary(models), "models": models}, indent=1))
         picture(models, args.out.with_suffix(".png"))
 
