@@ -2,7 +2,7 @@
 
 For digits-teacher students, on the reported metric's noise (seed 1, labels cycling, 1,000 samples), FD
 against the training split of:
-- the loop cut after each step (the x0 that step returns);
+- the loop cut after each step (the x0 that step returns), also against the held-out split;
 - the whole loop with the teacher's one call in place of the student's at one step: where that beats the
   whole student loop, training made that step worse than the network it started from;
 - each step alone on real images noised to its sigma, student next to teacher.
@@ -33,7 +33,7 @@ def loop(nets: list, x: torch.Tensor, sigmas: torch.Tensor, cond: dict, renoise:
 def probe(bundle_dir: Path, teacher, n: int = 1000) -> dict:
     from .bundle import load_bundle
     from .data import load_digits_split, to_uint8
-    from .metrics import digits_metric
+    from .metrics import digits_metric, heldout_metric
     from .sample import noise_for, parse_labels
 
     bundle = load_bundle(bundle_dir)
@@ -52,7 +52,9 @@ def probe(bundle_dir: Path, teacher, n: int = 1000) -> dict:
     draws = noise_for(EVAL_SEED, 0, n, (steps, *bundle.x_shape))
     x, renoise = draws[:, 0] * sigmas[0].item(), draws[:, 1:].transpose(0, 1)
     student, real = bundle.denoiser, teacher.denoiser
-    after = [fd(x0, labels) for x0 in loop([student] * steps, x, sigmas, cond, renoise)]
+    cuts = [to_uint8(x0).numpy() for x0 in loop([student] * steps, x, sigmas, cond, renoise)]
+    after = [metric(images, labels.numpy())["fd"] for images in cuts]
+    after_heldout = [heldout_metric()(images)["fd"] for images in cuts]
     swapped = [fd(loop([real if i == k else student for i in range(steps)], x, sigmas, cond, renoise)[-1], labels)
                for k in range(steps)]
     images, image_labels = load_digits_split("train")
@@ -62,16 +64,19 @@ def probe(bundle_dir: Path, teacher, n: int = 1000) -> dict:
     alone = [{name: fd(net(images + s * eps, torch.full((len(images),), s), real_cond).float(), image_labels)
               for name, net in (("student", student), ("teacher", real))} for s in sigmas.tolist()]
     return {"bundle": str(bundle_dir), "sigmas": sigmas.tolist(), "fd_after_step": after,
+            "fd_heldout_after_step": after_heldout,
             "fd_teacher_at_step": swapped, "fd_on_noised_real": alone, "n": n}
 
 
 def table(result: dict) -> str:
-    rows = ["| step | σ | FD of the loop cut here | FD, teacher at this step | student alone on noised real | "
-            "teacher alone |", "|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| step | σ | FD of the loop cut here | held-out FD, cut here | FD, teacher at this step | "
+            "student alone on noised real | teacher alone |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    heldout = result.get("fd_heldout_after_step")  # absent in probes written before it was measured
     for k, s in enumerate(result["sigmas"]):
         alone = result["fd_on_noised_real"][k]
-        rows.append(f"| {k} | {s:.3g} | {result['fd_after_step'][k]:.3f} | {result['fd_teacher_at_step'][k]:.3f} | "
-                    f"{alone['student']:.3f} | {alone['teacher']:.3f} |")
+        cut_heldout = f"{heldout[k]:.3f}" if heldout else "–"
+        rows.append(f"| {k} | {s:.3g} | {result['fd_after_step'][k]:.3f} | {cut_heldout} | "
+                    f"{result['fd_teacher_at_step'][k]:.3f} | {alone['student']:.3f} | {alone['teacher']:.3f} |")
     return f"`{result['bundle']}` ({result['n']} samples; FD of the whole student loop: " \
            f"{result['fd_after_step'][-1]:.3f})\n\n" + "\n".join(rows)
 
