@@ -33,7 +33,7 @@ def loop(nets: list, x: torch.Tensor, sigmas: torch.Tensor, cond: dict, renoise:
 def probe(bundle_dir: Path, teacher, n: int = 1000) -> dict:
     from .bundle import load_bundle
     from .data import load_digits_split, to_uint8
-    from .metrics import digits_metric, heldout_metric
+    from .metrics import digits_metric, digits_scores
     from .sample import noise_for, parse_labels
 
     bundle = load_bundle(bundle_dir)
@@ -52,9 +52,8 @@ def probe(bundle_dir: Path, teacher, n: int = 1000) -> dict:
     draws = noise_for(EVAL_SEED, 0, n, (steps, *bundle.x_shape))
     x, renoise = draws[:, 0] * sigmas[0].item(), draws[:, 1:].transpose(0, 1)
     student, real = bundle.denoiser, teacher.denoiser
-    cuts = [to_uint8(x0).numpy() for x0 in loop([student] * steps, x, sigmas, cond, renoise)]
-    after = [metric(images, labels.numpy())["fd"] for images in cuts]
-    after_heldout = [heldout_metric()(images)["fd"] for images in cuts]
+    cuts = [digits_scores(to_uint8(x0).numpy()) for x0 in loop([student] * steps, x, sigmas, cond, renoise)]
+    after, after_heldout = [c["fd"] for c in cuts], [c["fd_heldout"] for c in cuts]
     swapped = [fd(loop([real if i == k else student for i in range(steps)], x, sigmas, cond, renoise)[-1], labels)
                for k in range(steps)]
     images, image_labels = load_digits_split("train")
