@@ -61,6 +61,9 @@ class DMD2Config:
     # 0 trains every step by distribution matching (the reference).
     anchor_sigma: float = 0.0
     anchor_weight: float = 10.0  # on the digits teacher this keeps the anchored step ~0.015 RMS from the teacher
+    # The anchored steps also take the GAN loss (w_G), and the GAN head sees their outputs as fakes: the last
+    # step's output is what users get, and without it only the teacher (not the real data) shapes that output.
+    anchor_gan: bool = False
     ema_decay: float | None = None
     # A student bundle of this teacher (e.g. a 1-step one) whose network the generator starts from instead of
     # the teacher's: a multi-step student then starts with a first step that already makes samples.
@@ -175,6 +178,13 @@ def cat_cond(*conds: dict) -> dict:
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
+def trained_rows(sigma_in: torch.Tensor, cfg: DMD2Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) bool masks: the rows trained by distribution matching (those above anchor_sigma; all by default), and
+    the rows the GAN loss sees (those, plus the anchored ones with anchor_gan)."""
+    matched = sigma_in > cfg.anchor_sigma
+    return matched, (torch.ones_like(matched) if cfg.anchor_gan else matched)
+
+
 def student_input(generator, sigmas: torch.Tensor, batch: Batch, cfg: DMD2Config) -> torch.Tensor:
     """Each sample's generator input at its timestep k (DMD2 §4.5).
 
@@ -215,7 +225,7 @@ def generator_step(nets: Nets, opt, scaler, batch: Batch, x_in: torch.Tensor, si
     with autocast(device, precision):
         out = nets.generator_train(inputs, sigmas, cond)
     x_all = out[:n].float()  # (N, C, H, W) the student's x0, with grad
-    matched = sigma_in > cfg.anchor_sigma  # (N,) rows trained by distribution matching (all, by default)
+    matched, gan_rows = trained_rows(sigma_in, cfg)
     x, mb = x_all[matched], take(batch, matched)
     m = x.shape[0]
     # DM loss (DMD2 eq. 2 / DESIGN §3): real (CFG) and fake x0 at a noised copy of x.
@@ -227,8 +237,9 @@ def generator_step(nets: Nets, opt, scaler, batch: Batch, x_in: torch.Tensor, si
     total = losses["dm"]
     if nets.fake.head is not None and cfg.gan_g_weight > 0:
         # Non-saturating GAN loss through the frozen fake score and head, back to x.
+        xg, gb = x_all[gan_rows], take(batch, gan_rows)
         with frozen(nets.fake), autocast(device, precision):
-            _, logits = nets.fake(x + _per_sample(mb.sigma_gan_g, x) * mb.eps_gan_g, mb.sigma_gan_g, mb.cond)
+            _, logits = nets.fake(xg + _per_sample(gb.sigma_gan_g, xg) * gb.eps_gan_g, gb.sigma_gan_g, gb.cond)
         losses["gan_g"] = gan_g_loss(logits)
         total = total + cfg.gan_g_weight * losses["gan_g"]
     if not bool(matched.all()):
@@ -244,15 +255,17 @@ def generator_step(nets: Nets, opt, scaler, batch: Batch, x_in: torch.Tensor, si
         total = total + cfg.regression_weight * losses["regression"]
     check_finite(losses, step, accelerator)
     grad_norm = optimizer_step(total, opt, scaler, params, cfg.grad_clip, accelerator)
-    return {f"loss_{k}": v.item() for k, v in losses.items()} | {"grad_norm_generator": grad_norm}, x.detach()
+    return {f"loss_{k}": v.item() for k, v in losses.items()} | {"grad_norm_generator": grad_norm}, x_all.detach()
 
 
 def fake_step(nets: Nets, opt, scaler, batch: Batch, x_gen: torch.Tensor, cfg: DMD2Config, step: int,
-              accelerator, precision: str) -> dict:
+              accelerator, precision: str, tracked: torch.Tensor | None = None) -> dict:
     """One fake-score update: denoising loss on detached generator samples (+ w_D * GAN head loss on real data).
 
     Generated and real images go through the fake score in one forward: its x0 on the generated half
-    feeds the denoising loss, the head's logits on both halves the discriminator loss.
+    feeds the denoising loss, the head's logits on both halves the discriminator loss. `tracked` (a bool
+    mask over the generated rows; None = all): the rows the denoising loss uses; the others are fakes to the
+    GAN head only (anchor_gan).
     """
     params = [p for group in opt.param_groups for p in group["params"]]
     n = x_gen.shape[0]
@@ -265,7 +278,8 @@ def fake_step(nets: Nets, opt, scaler, batch: Batch, x_gen: torch.Tensor, cfg: D
         cond = cat_cond(batch.cond, batch.real_cond)
     with autocast(x_gen.device, precision):
         x0, logits = nets.fake_train(inputs, sigmas, cond)
-    losses = {"fake": denoising_loss(x0[:n], x_gen, batch.sigma_fake, nets.weighting)}
+    rows = slice(None) if tracked is None else tracked
+    losses = {"fake": denoising_loss(x0[:n][rows], x_gen[rows], batch.sigma_fake[rows], nets.weighting)}
     total = losses["fake"]
     if logits is not None:
         losses["gan_d"] = gan_d_loss(logits[n:], logits[:n])
@@ -386,6 +400,9 @@ def check_setup(cfg: DMD2Config, teacher, real_data, pairs, score=None) -> None:
                         f"{cfg.lr_min_ratio}")
     if cfg.anchor_sigma < 0 or cfg.anchor_weight < 0:
         raise UserError(f"anchor_sigma and anchor_weight must be >= 0; got {cfg.anchor_sigma}, {cfg.anchor_weight}")
+    if cfg.anchor_gan and (cfg.anchor_sigma <= 0 or not gan_enabled(cfg)):
+        raise UserError("anchor_gan gives the GAN loss to the anchored steps: it needs anchor_sigma > 0 and the GAN "
+                        f"(use_gan with a weight > 0); got anchor_sigma {cfg.anchor_sigma}, use_gan {cfg.use_gan}")
     if cfg.anchor_sigma > 0:
         first_sigma = float(teacher.denoiser.schedule.t_to_sigma(torch.tensor(float(ts[0]))))
         if cfg.anchor_sigma >= first_sigma:
@@ -552,11 +569,13 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
             x_in = student_input(generator, student_sigmas, batch, cfg).float()
         sigma_in = student_sigmas[batch.k].float()  # (N,)
         logs = {}
-        matched = sigma_in > cfg.anchor_sigma  # the rows whose outputs the fake score tracks (all, by default)
+        matched, gan_rows = trained_rows(sigma_in, cfg)
+        seen = matched | gan_rows  # the rows the fake score / GAN head train on
         if step % cfg.dfake_gen_update_ratio == 0:  # two time-scale rule
             g_logs, x_gen = generator_step(nets, opt_g, scaler_g, batch, x_in, sigma_in, cfg, step, accelerator,
                                            precision)
             logs |= g_logs
+            x_gen = x_gen[seen]
             counts["generator_updates"] += 1
             if ema is not None:
                 with torch.no_grad():
@@ -564,8 +583,9 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
                         ema[k].lerp_(v, 1 - cfg.ema_decay) if v.is_floating_point() else ema[k].copy_(v)
         else:
             with torch.no_grad(), autocast(device, precision):
-                x_gen = generator(x_in[matched], sigma_in[matched], {k: v[matched] for k, v in batch.cond.items()})
-        logs |= fake_step(nets, opt_f, scaler_f, take(batch, matched), x_gen, cfg, step, accelerator, precision)
+                x_gen = generator(x_in[seen], sigma_in[seen], {k: v[seen] for k, v in batch.cond.items()})
+        logs |= fake_step(nets, opt_f, scaler_f, take(batch, seen), x_gen, cfg, step, accelerator, precision,
+                          tracked=matched[seen])
         counts["fake_updates"] += 1
         if cfg.select_every and ((step + 1) % cfg.select_every == 0 or step + 1 == cfg.steps):
             logs |= select(step + 1)

@@ -460,10 +460,10 @@ def test_anchored_steps_learn_the_teacher_and_stay_out_of_the_fake_score(teacher
     seen = {"fake_k": [], "anchor": [], "gen": []}
     original_fake, original_gen, original_anchor = dmd2.fake_step, dmd2.generator_step, dmd2.anchor_loss
 
-    def fake_step(nets, opt, scaler, batch, x_gen, *args):
+    def fake_step(nets, opt, scaler, batch, x_gen, *args, **kw):
         assert len(x_gen) == len(batch.k) == len(batch.sigma_fake) == len(batch.cond["class_labels"])
         seen["fake_k"].append(batch.k.tolist())
-        return original_fake(nets, opt, scaler, batch, x_gen, *args)
+        return original_fake(nets, opt, scaler, batch, x_gen, *args, **kw)
 
     def generator_step(nets, opt, scaler, batch, x_in, sigma_in, *args):
         seen["gen"].append((x_in.clone(), sigma_in.clone(), batch.cond["class_labels"].clone(), batch.k.clone()))
@@ -492,11 +492,50 @@ def test_anchored_steps_learn_the_teacher_and_stay_out_of_the_fake_score(teacher
     assert load_bundle(out).manifest["training"]["anchor_sigma"] == cfg.anchor_sigma
 
 
+def test_anchor_gan_shows_the_anchored_outputs_to_the_gan_but_not_to_the_fake_score(teacher, monkeypatch, tmp_path):
+    """anchor_gan: the anchored (last) step's outputs take the generator's GAN loss and are fakes to the GAN
+    head, while the fake score's denoising loss still sees only the distribution-matched steps."""
+    import distill.dmd2 as dmd2
+
+    sigmas = teacher.denoiser.schedule.t_to_sigma(torch.tensor(THREE_STEPS, dtype=torch.float64))
+    seen = {"gan_g": [], "gan_d_fake": [], "denoise": []}
+    original = {name: getattr(dmd2, name) for name in ("gan_g_loss", "gan_d_loss", "denoising_loss")}
+
+    def gan_g_loss(logits):
+        seen["gan_g"].append(len(logits))
+        return original["gan_g_loss"](logits)
+
+    def gan_d_loss(logits_real, logits_fake):
+        seen["gan_d_fake"].append(len(logits_fake))
+        return original["gan_d_loss"](logits_real, logits_fake)
+
+    def denoising_loss(pred_x0, x0, sigma, weighting):
+        assert len(pred_x0) == len(x0) == len(sigma)
+        seen["denoise"].append(sigma.tolist())
+        return original["denoising_loss"](pred_x0, x0, sigma, weighting)
+
+    for name, fn in (("gan_g_loss", gan_g_loss), ("gan_d_loss", gan_d_loss), ("denoising_loss", denoising_loss)):
+        monkeypatch.setattr(dmd2, name, fn)
+    anchor = float(sigmas[2]) * 1.01
+    for flag, gan_rows in ((False, 4), (True, 6)):  # batch 6 over three steps; the last is anchored
+        for v in seen.values():
+            v.clear()
+        cfg = small_config(batch_size=6, student_timesteps=THREE_STEPS, anchor_sigma=anchor, anchor_gan=flag)
+        train_dmd2(cfg, teacher, real_data(), tmp_path / str(flag), progress=False)
+        assert seen["gan_g"] == [gan_rows] * 3 and seen["gan_d_fake"] == [gan_rows] * cfg.steps
+        assert len(seen["denoise"]) == cfg.steps and all(len(s) == 4 for s in seen["denoise"])
+
+
 def test_anchor_settings_that_cannot_work_are_clear_errors(teacher, tmp_path):
     sigmas = teacher.denoiser.schedule.t_to_sigma(torch.tensor(THREE_STEPS, dtype=torch.float64))
     with pytest.raises(UserError, match="would anchor the first student step"):
         train_dmd2(small_config(student_timesteps=THREE_STEPS, anchor_sigma=float(sigmas[0]) + 1), teacher,
                    real_data(), tmp_path, progress=False)
+    with pytest.raises(UserError, match="anchor_gan .* needs anchor_sigma > 0"):
+        train_dmd2(small_config(anchor_gan=True), teacher, real_data(), tmp_path, progress=False)
+    with pytest.raises(UserError, match="anchor_gan .* needs anchor_sigma > 0"):
+        train_dmd2(small_config(anchor_gan=True, use_gan=False, anchor_sigma=float(sigmas[2])), teacher, real_data(),
+                   tmp_path, progress=False)
     with pytest.raises(UserError, match="batch_size 2 < 3 steps"):
         train_dmd2(small_config(batch_size=2, student_timesteps=THREE_STEPS, anchor_sigma=float(sigmas[2])),
                    teacher, real_data(), tmp_path, progress=False)
