@@ -64,6 +64,11 @@ class DMD2Config:
     # The anchored steps also take the GAN loss (w_G), and the GAN head sees their outputs as fakes: the last
     # step's output is what users get, and without it only the teacher (not the real data) shapes that output.
     anchor_gan: bool = False
+    # Condition the fake score (and so the GAN head) on the student step: a learned vector per step added to its
+    # time embedding, zero at the start. A shared fake score models the *mixture* of all steps' outputs, so each
+    # step's DM gradient is measured against the others' outputs too; conditioned, each step is matched to the
+    # data on its own. Real images in the GAN head's loss get every step's vector in turn.
+    fake_per_step: bool = False
     ema_decay: float | None = None
     # A student bundle of this teacher (e.g. a 1-step one) whose network the generator starts from instead of
     # the teacher's: a multi-step student then starts with a first step that already makes samples.
@@ -118,6 +123,7 @@ class Batch:
     real_cond: dict
     sigma_real: torch.Tensor | None
     eps_real: torch.Tensor | None
+    real_k: torch.Tensor | None  # (N,) the student step the fake score is told for each real image (fake_per_step)
     pairs: tuple | None  # (noise, cond, teacher x0) for the regression loss
 
 
@@ -232,14 +238,15 @@ def generator_step(nets: Nets, opt, scaler, batch: Batch, x_in: torch.Tensor, si
     x_t = (x + _per_sample(mb.sigma_dm, x) * mb.eps_dm).detach()
     with torch.no_grad(), autocast(device, precision):
         real_x0 = guided(nets.real, nets.guidance_scale, nets.uncond(m))(x_t, mb.sigma_dm, mb.cond)
-        fake_x0, _ = nets.fake(x_t, mb.sigma_dm, mb.cond, logits=False)
+        fake_x0, _ = nets.fake(x_t, mb.sigma_dm, mb.cond, logits=False, step=mb.k)
     losses = {"dm": dm_loss(x, real_x0, fake_x0)}
     total = losses["dm"]
     if nets.fake.head is not None and cfg.gan_g_weight > 0:
         # Non-saturating GAN loss through the frozen fake score and head, back to x.
         xg, gb = x_all[gan_rows], take(batch, gan_rows)
         with frozen(nets.fake), autocast(device, precision):
-            _, logits = nets.fake(xg + _per_sample(gb.sigma_gan_g, xg) * gb.eps_gan_g, gb.sigma_gan_g, gb.cond)
+            _, logits = nets.fake(xg + _per_sample(gb.sigma_gan_g, xg) * gb.eps_gan_g, gb.sigma_gan_g, gb.cond,
+                                  step=gb.k)
         losses["gan_g"] = gan_g_loss(logits)
         total = total + cfg.gan_g_weight * losses["gan_g"]
     if not bool(matched.all()):
@@ -271,13 +278,14 @@ def fake_step(nets: Nets, opt, scaler, batch: Batch, x_gen: torch.Tensor, cfg: D
     n = x_gen.shape[0]
     x_gen = x_gen.detach().float()
     inputs = x_gen + _per_sample(batch.sigma_fake, x_gen) * batch.eps_fake
-    sigmas, cond = batch.sigma_fake, batch.cond
+    sigmas, cond, k = batch.sigma_fake, batch.cond, batch.k
     if nets.fake.head is not None:
         inputs = torch.cat([inputs, batch.real + _per_sample(batch.sigma_real, batch.real) * batch.eps_real])
         sigmas = torch.cat([sigmas, batch.sigma_real])
         cond = cat_cond(batch.cond, batch.real_cond)
+        k = torch.cat([k, batch.real_k])
     with autocast(x_gen.device, precision):
-        x0, logits = nets.fake_train(inputs, sigmas, cond)
+        x0, logits = nets.fake_train(inputs, sigmas, cond, step=k)
     rows = slice(None) if tracked is None else tracked
     losses = {"fake": denoising_loss(x0[:n][rows], x_gen[rows], batch.sigma_fake[rows], nets.weighting)}
     total = losses["fake"]
@@ -331,7 +339,7 @@ def draw_batch(cfg: DMD2Config, teacher, real_data, pairs, num_student_steps: in
     sigma_dm, eps_dm = sigmas(cfg.min_t, cfg.max_t), randn()
     sigma_gan_g, eps_gan_g = sigmas(), randn()
     sigma_fake, eps_fake = sigmas(), randn()
-    real, real_cond, sigma_real, eps_real = None, {}, None, None
+    real, real_cond, sigma_real, eps_real, real_k = None, {}, None, None, None
     if images is not None:
         idx = torch.randint(0, len(images), (n,), generator=gen)[mine]
         real = images[idx].to(device)
@@ -342,6 +350,7 @@ def draw_batch(cfg: DMD2Config, teacher, real_data, pairs, num_student_steps: in
                                                    else [labels[i] for i in idx.tolist()])
         real_cond = _condition(teacher, real_labels)
         sigma_real, eps_real = sigmas(), randn()
+        real_k = k.clone()
         if num_student_steps > 1 and not cfg.backward_simulation:  # inputs are these real images, noised:
             cond = real_cond  # their condition (for k = 0 too, whose input is pure noise)
     batch_pairs = None
@@ -351,7 +360,7 @@ def draw_batch(cfg: DMD2Config, teacher, real_data, pairs, num_student_steps: in
         p_cond = _condition(teacher, p_labels[idx] if p_labels is not None else None)
         batch_pairs = (p_noise[idx].to(device), p_cond, p_x0[idx].to(device))
     return Batch(cond, k, noise, renoise, sigma_dm, eps_dm, sigma_gan_g, eps_gan_g, sigma_fake, eps_fake,
-                 real, real_cond, sigma_real, eps_real, batch_pairs)
+                 real, real_cond, sigma_real, eps_real, real_k, batch_pairs)
 
 
 @torch.no_grad()
@@ -403,6 +412,9 @@ def check_setup(cfg: DMD2Config, teacher, real_data, pairs, score=None) -> None:
     if cfg.anchor_gan and (cfg.anchor_sigma <= 0 or not gan_enabled(cfg)):
         raise UserError("anchor_gan gives the GAN loss to the anchored steps: it needs anchor_sigma > 0 and the GAN "
                         f"(use_gan with a weight > 0); got anchor_sigma {cfg.anchor_sigma}, use_gan {cfg.use_gan}")
+    if cfg.fake_per_step and len(ts) < 2:
+        raise UserError("fake_per_step conditions the fake score on the student step: it needs a multi-step student "
+                        "(student_timesteps with two or more steps)")
     if cfg.anchor_sigma > 0:
         first_sigma = float(teacher.denoiser.schedule.t_to_sigma(torch.tensor(float(ts[0]))))
         if cfg.anchor_sigma >= first_sigma:
@@ -513,7 +525,7 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
             fake_denoiser(probe, student_sigmas[:1].float(), _probe_cond(teacher, real_data))
         head = GANHead.for_features(tap.pop()).to(device)
         tap.remove()
-    fake = FakeScore(fake_denoiser, head)
+    fake = FakeScore(fake_denoiser, head, len(student_sigmas) if cfg.fake_per_step else None)
 
     adamw = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     opt_g = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_generator, **adamw)
@@ -621,6 +633,8 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     finally:
         if fake.tap is not None:
             fake.tap.remove()
+        if fake.steps is not None:
+            fake.steps.handle.remove()
 
     manifest = student_manifest(cfg, teacher, sigma_of)
     manifest["training"] |= {"train_seconds": round(elapsed, 1), "steps_done": step, **counts,

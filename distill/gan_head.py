@@ -75,17 +75,45 @@ class BottleneckTap:
         self.handle.remove()
 
 
+class StepEmbedding(nn.Module):
+    """A learned vector per student step, added to a diffusers UNet's time embedding (a forward hook on its
+    `time_embedding`): the fake score then models each step's outputs on their own. Zero at the start, so the
+    fake score starts as the teacher. `step` (N,) must be set before each forward."""
+
+    def __init__(self, net: nn.Module, num_steps: int):
+        super().__init__()
+        unet = getattr(net, "unet", net)
+        time_embedding = getattr(unet, "time_embedding", None)
+        if time_embedding is None or not hasattr(time_embedding, "linear_2"):
+            raise UserError(f"fake_per_step adds to a diffusers UNet's time embedding, and {type(unet).__name__} has "
+                            "none; leave fake_per_step off")
+        self.table = nn.Embedding(num_steps, time_embedding.linear_2.out_features)
+        nn.init.zeros_(self.table.weight)
+        self.step = None
+        self.handle = time_embedding.register_forward_hook(self._add)
+
+    def _add(self, module, inputs, output):
+        if self.step is None:
+            raise RuntimeError("the step-conditioned fake score was called without its student steps")
+        step, self.step = self.step, None  # one forward per setting: a stale step can never be reused
+        return output + self.table(step.to(output.device)).to(output.dtype)
+
+
 class FakeScore(nn.Module):
     """The fake score and its GAN head as one module: one forward gives the x0 prediction and, when the head
-    exists, the logits on the bottleneck features. One module, one optimizer, one DDP wrapper."""
+    exists, the logits on the bottleneck features. One module, one optimizer, one DDP wrapper.
+    `num_steps`: condition it on the student step (StepEmbedding; forward then takes `step`)."""
 
-    def __init__(self, denoiser: nn.Module, head: GANHead | None):
+    def __init__(self, denoiser: nn.Module, head: GANHead | None, num_steps: int | None = None):
         super().__init__()
         self.denoiser = denoiser
         self.head = head
         self.tap = BottleneckTap(denoiser.net) if head is not None else None
+        self.steps = StepEmbedding(denoiser.net, num_steps) if num_steps else None
 
-    def forward(self, x, sigma, cond, logits: bool = True):
+    def forward(self, x, sigma, cond, logits: bool = True, step: torch.Tensor | None = None):
+        if self.steps is not None:
+            self.steps.step = step
         x0 = self.denoiser(x, sigma, cond)
         if self.tap is None:
             return x0, None

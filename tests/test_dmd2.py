@@ -296,7 +296,7 @@ def test_generator_starts_from_a_student_of_the_same_teacher_only(teacher, stude
 
 @pytest.mark.parametrize("variant", [
     dict(),
-    dict(student_timesteps=(999, 499), ema_decay=0.5),  # backward simulation and EMA resume too
+    dict(student_timesteps=(999, 499), ema_decay=0.5, fake_per_step=True),  # backward simulation, EMA, step table
 ])
 @pytest.mark.parametrize("stop", ["fewer_steps", "crash"])
 def test_resume_is_exact(teacher, tmp_path, capsys, monkeypatch, variant, stop):
@@ -524,6 +524,53 @@ def test_anchor_gan_shows_the_anchored_outputs_to_the_gan_but_not_to_the_fake_sc
         train_dmd2(cfg, teacher, real_data(), tmp_path / str(flag), progress=False)
         assert seen["gan_g"] == [gan_rows] * 3 and seen["gan_d_fake"] == [gan_rows] * cfg.steps
         assert len(seen["denoise"]) == cfg.steps and all(len(s) == 4 for s in seen["denoise"])
+
+
+def test_step_conditioned_fake_score_starts_as_the_teacher_and_tells_steps_apart(teacher):
+    """StepEmbedding: zero at the start (the fake score is the teacher), then a step's vector changes that step's
+    predictions only; a forward without steps is an error, not a silent reuse of the last ones."""
+    import copy
+
+    from distill.gan_head import FakeScore
+
+    fake = FakeScore(copy.deepcopy(teacher.denoiser), None, num_steps=3)
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn((6, 1, 8, 8), generator=g), torch.full((6,), 2.0)
+    cond, k = {"class_labels": torch.arange(6) % 3}, torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        plain = teacher.denoiser(x, sigma, cond)
+        assert torch.allclose(fake(x, sigma, cond, step=k)[0], plain, atol=1e-6)
+        fake.steps.table.weight[1].normal_(generator=g)
+        moved = fake(x, sigma, cond, step=k)[0]
+    differs = (moved - plain).flatten(1).abs().amax(1) > 1e-4
+    assert differs.tolist() == [False, True, False, False, True, False]
+    with pytest.raises(RuntimeError, match="without its student steps"):
+        fake(x, sigma, cond)
+
+
+def test_fake_per_step_tells_every_fake_score_call_its_rows_steps(teacher, monkeypatch, tmp_path):
+    """fake_per_step: every fake-score forward in training gets one step per row (the generated rows' own, and
+    every step in turn for the real images), and training moves the steps' vectors apart."""
+    from distill.gan_head import FakeScore
+
+    calls, original = [], FakeScore.forward
+
+    def forward(self, x, sigma, cond, logits=True, step=None):
+        calls.append((len(x), None if step is None else step.tolist()))
+        return original(self, x, sigma, cond, logits=logits, step=step)
+
+    monkeypatch.setattr(FakeScore, "forward", forward)
+    cfg = small_config(batch_size=6, student_timesteps=THREE_STEPS, fake_per_step=True)
+    train_dmd2(cfg, teacher, real_data(), tmp_path, progress=False)
+    assert calls and all(step is not None and len(step) == n for n, step in calls)
+    # generator updates: DM and GAN calls on the 6 generated rows; fake updates: 6 generated + 6 real rows
+    assert all(step == [0, 1, 2, 0, 1, 2] for n, step in calls if n == 6)
+    assert sum(n == 12 for n, _ in calls) == cfg.steps
+    assert all(step == [0, 1, 2, 0, 1, 2] * 2 for n, step in calls if n == 12)
+    table = load_state(tmp_path / "state.safetensors")["fake"]["steps.table.weight"]
+    assert table.shape[0] == 3 and not torch.allclose(table[0], table[1])
+    with pytest.raises(UserError, match="needs a multi-step student"):
+        train_dmd2(small_config(fake_per_step=True), teacher, real_data(), tmp_path / "one", progress=False)
 
 
 def test_anchor_settings_that_cannot_work_are_clear_errors(teacher, tmp_path):
