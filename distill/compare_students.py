@@ -122,6 +122,51 @@ def picture(models: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def rating_curves(bundles: list[Path]) -> dict[str, list[tuple[int, float]]]:
+    """Per bundle, the checkpoint ratings its run logged (select_every: held-out FD every N steps), as (steps done,
+    rating) pairs from the run folder's metrics.jsonl next to the bundle; bundles without any are left out."""
+    curves = {}
+    for path in bundles:
+        log = Path(path).parent / "metrics.jsonl"
+        if not log.exists():
+            continue
+        points = []
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by a crash
+                continue
+            if "selection_score" in record:
+                points.append((int(record["step"]) + 1, float(record["selection_score"])))
+        if points:
+            curves[str(path)] = points
+    return curves
+
+
+def curves_picture(curves: dict, nfes: dict[str, int], path: Path) -> None:
+    """The ratings over training, one line per run, coloured by the student's NFE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colours = {n: plt.get_cmap("tab10")(i) for i, n in enumerate(sorted(set(nfes.values())))}
+    labelled = set()
+    for name, points in curves.items():
+        nfe = nfes[name]
+        steps, values = zip(*points)
+        ax.plot(steps, values, color=colours[nfe], alpha=0.7, marker=".",
+                label=None if nfe in labelled else f"{nfe}-step students")
+        labelled.add(nfe)
+    ax.set(xlabel="training steps", ylabel="held-out FD (checkpoint rating, 1,000 samples)", yscale="log",
+           title="digits students over training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 @cli_main
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m distill.compare_students", description=__doc__.splitlines()[0])
@@ -130,8 +175,9 @@ def main(argv=None):
     p.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated noise seeds (1 is distill.run's)")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--teacher-nfe", type=int, default=0, help="also the teacher's DPM-Solver++(2M) at this NFE")
-    p.add_argument("--out", type=Path, help="write OUT.md, OUT.json and OUT.png; what OUT.json already holds for "
-                                             "the same model, NFE, sample count and seed is reused")
+    p.add_argument("--out", type=Path, help="write OUT.md, OUT.json and OUT.png (and OUT_curves.png: the runs' "
+                                             "checkpoint ratings over training, where logged); what OUT.json "
+                                             "already holds for the same model, NFE, sample count and seed is reused")
     args = p.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -149,6 +195,10 @@ def main(argv=None):
         args.out.with_suffix(".md").write_text(f"`{command}`\n\n{text}")
         args.out.with_suffix(".json").write_text(json.dumps({"summary": summary(models), "models": models}, indent=1))
         picture(models, args.out.with_suffix(".png"))
+        curves = rating_curves(args.bundles)
+        if curves:  # runs with checkpoint selection: how their rating moved over training
+            curves_picture(curves, {m["name"]: m["nfe"] for m in models},
+                           args.out.with_name(args.out.name + "_curves.png"))
 
 
 if __name__ == "__main__":

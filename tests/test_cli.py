@@ -161,6 +161,23 @@ def test_compare_students_summary_and_bad_input(tmp_path, capsys):
     assert code == 2 and "is not a student bundle folder" in err and "Traceback" not in err
 
 
+def test_compare_students_reads_the_runs_ratings_over_training(tmp_path):
+    """rating_curves: the (steps done, rating) pairs a run logged beside its bundle, in order, skipping records
+    without a rating and a torn last line; a bundle whose run logged none is left out."""
+    from distill import compare_students
+
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    lines = [{"step": 98, "loss_fake": 0.1}, {"step": 99, "selection_score": 0.5}, {"step": 199, "loss_fake": 0.1},
+             {"step": 199, "selection_score": 0.25}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + '\n{"step": 2')
+    (tmp_path / "bare" / "student").mkdir(parents=True)
+    curves = compare_students.rating_curves([run / "student", tmp_path / "bare" / "student"])
+    assert curves == {str(run / "student"): [(100, 0.5), (200, 0.25)]}
+    compare_students.curves_picture(curves, {str(run / "student"): 4}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_compare_students_reuses_what_its_out_file_holds(tmp_path):
     """Measurements already in OUT.json (same model, NFE, sample count and seed) are reused, not sampled again;
     a file that is not a result is a clear error."""
