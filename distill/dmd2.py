@@ -623,7 +623,7 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
         return {"selection_score": value, "selection_best_step": best["step"], "log": True}
 
     try:
-        step, elapsed = run_loop(out_dir=out_dir, config=asdict(cfg), steps=cfg.steps,
+        step, elapsed = run_loop(out_dir=out_dir, config=asdict(cfg), defaults=asdict(DMD2Config()), steps=cfg.steps,
                                  checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                                  accelerator=accelerator, train_step=train_step, get_state=get_state,
                                  set_state=set_state, progress=progress, desc="dmd2",

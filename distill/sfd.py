@@ -224,8 +224,8 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
             x = x_next.detach()
         return logs | {"loss_l1": sum(logs.values()) / len(logs), "nfe": nfe, "lr": lr}
 
-    step, elapsed = run_loop(out_dir=out_dir, config=asdict(cfg), steps=cfg.steps,
-                             checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+    step, elapsed = run_loop(out_dir=out_dir, config=asdict(cfg), defaults=asdict(SFDConfig()),
+                             steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                              accelerator=accelerator, train_step=train_step, get_state=get_state,
                              set_state=set_state, progress=progress,
                              desc=f"sfd-v nfe={','.join(map(str, nfes))}" if variable else f"sfd nfe={cfg.nfe}",
@@ -320,8 +320,8 @@ def train_sfd_one_step(cfg: SFDConfig, out_dir: str | Path, progress: bool = Tru
                        cfg.grad_clip, accelerator)
         return {f"loss_{k}": v.item() for k, v in losses.items()} | {"lr": lr}
 
-    step, elapsed = run_loop(out_dir=out_dir, config=asdict(cfg), steps=cfg.steps,
-                             checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+    step, elapsed = run_loop(out_dir=out_dir, config=asdict(cfg), defaults=asdict(SFDConfig()),
+                             steps=cfg.steps, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                              accelerator=accelerator, train_step=train_step, get_state=get_state,
                              set_state=set_state, progress=progress, desc="sfd one-step",
                              resumable=("checkpoint_every", "log_every"))

@@ -105,14 +105,16 @@ def any_process(flag: bool, accelerator) -> bool:
 def run_loop(*, out_dir: Path, config: dict, steps: int, checkpoint_every: int, log_every: int, accelerator,
              train_step: Callable[[int], dict], get_state: Callable[[], dict], set_state: Callable[[dict], None],
              progress: bool = True, desc: str = "train",
-             resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> tuple[int, float]:
+             resumable: tuple[str, ...] = RESUMABLE_CHANGES, defaults: dict | None = None) -> tuple[int, float]:
     """Run `train_step(step)` for step = (resumed step) .. steps-1; returns (steps done, training seconds).
 
     out_dir/state.safetensors holds the method's state plus the step, wall time, global RNG state and config;
     it is written atomically every `checkpoint_every` steps, at the end and on Ctrl-C. out_dir/metrics.jsonl
     gets the logs of every `log_every`-th step (and the last); on resume, records past the checkpoint are
     dropped so every step appears once. `resumable`: the config keys a resumed run may change (a method whose
-    schedule depends on `steps` leaves it out).
+    schedule depends on `steps` leaves it out). `defaults`: the config's default values; a setting the saved
+    config lacks (added to fewstep after the state was written) counts as its default, which by convention is the
+    behaviour the older version had.
     """
     out_dir = Path(out_dir)
     state_path = out_dir / STATE_NAME
@@ -120,7 +122,8 @@ def run_loop(*, out_dir: Path, config: dict, steps: int, checkpoint_every: int, 
     step, elapsed = 0, 0.0
     if state_path.exists():
         state = load_state(state_path)
-        saved = {k: v for k, v in state.get("config", {}).items() if k not in resumable}
+        saved = jsonable(defaults or {}) | state.get("config", {})
+        saved = {k: v for k, v in saved.items() if k not in resumable}
         wanted = {k: v for k, v in config.items() if k not in resumable}
         changed = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
         if changed:

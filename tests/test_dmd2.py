@@ -419,6 +419,23 @@ def test_resume_with_a_different_config_names_the_field(teacher, tmp_path):
     assert all(torch.equal(before["generator"][k], after["generator"][k]) for k in before["generator"])
 
 
+def test_a_state_older_than_a_setting_resumes_when_the_setting_keeps_its_default(teacher, tmp_path):
+    """A state written before a setting existed (its saved config lacks the key) resumes as long as the run keeps
+    that setting's default, the older version's behaviour; asking for another value names the setting."""
+    from distill.checkpoint import save_state
+
+    data = real_data()
+    train_dmd2(small_config(steps=2), teacher, data, tmp_path, progress=False)
+    state = load_state(tmp_path / "state.safetensors")
+    del state["config"]["anchor_gan"], state["config"]["fake_per_step"]  # as an older fewstep wrote it
+    save_state(tmp_path / "state.safetensors", state)
+    with pytest.raises(UserError, match=r"different config \(fake_per_step, student_timesteps\)"):
+        train_dmd2(small_config(steps=4, student_timesteps=(999, 499), fake_per_step=True), teacher, data, tmp_path,
+                   progress=False)
+    train_dmd2(small_config(steps=4), teacher, data, tmp_path, progress=False)
+    assert load_state(tmp_path / "state.safetensors")["step"] == 4
+
+
 def test_state_of_other_networks_is_a_clear_error(teacher, tmp_path):
     cfg = small_config(steps=2, use_gan=False)
     train_dmd2(cfg, teacher, None, tmp_path, progress=False)
