@@ -581,8 +581,8 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
             x_in = student_input(generator, student_sigmas, batch, cfg).float()
         sigma_in = student_sigmas[batch.k].float()  # (N,)
         logs = {}
-        matched, gan_rows = trained_rows(sigma_in, cfg)
-        seen = matched | gan_rows  # the rows the fake score / GAN head train on
+        matched, seen = trained_rows(sigma_in, cfg)  # seen: the GAN's rows (matched ones included), what the fake
+        # score's forward sees; its denoising loss keeps to the matched ones
         if step % cfg.dfake_gen_update_ratio == 0:  # two time-scale rule
             g_logs, x_gen = generator_step(nets, opt_g, scaler_g, batch, x_in, sigma_in, cfg, step, accelerator,
                                            precision)
