@@ -7,6 +7,8 @@ from .data import IMAGE_SIZE, NUM_CLASSES
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEACHER_DIR = ASSETS / "digits_teacher"
 CLASSIFIER_DIR = ASSETS / "digits_classifier"
+# the second embedded teacher: a hand-written flow-matching network, loaded through its fewstep_factory.json
+FLOW_TEACHER_DIR = ASSETS / "digits_flow_teacher"
 
 NULL_CLASS = NUM_CLASSES  # the extra class embedding used for classifier-free guidance
 
