@@ -1,15 +1,19 @@
-"""The student bundle (DESIGN.md §1): a diffusers UNet plus one manifest that says how to sample it.
+"""The student bundle: the student network in its family's own format plus one manifest that says how to sample it.
 
     student/
-      unet/                    config.json + diffusion_pytorch_model.safetensors (save_pretrained)
+      unet/ (or transformer/)  a diffusers model: config.json + safetensors, loadable with its class's from_pretrained
+      network/                 or a factory network: fewstep_factory.json (+ its .py file) + model.safetensors
       fewstep_student.json     the manifest (below)
 
-Manifest (format_version 1):
+Manifest (format_version 1; `network` and `denoiser` are absent from older bundles, which are diffusers UNets):
 
-    {"format_version": 1, "method": "dmd2", "family": "pixel" | "latent",
-     "model_class": "UNet2DModel" | "UNet2DConditionModel", "prediction_type": "epsilon" | ...,
-     "schedule": {"kind": "vp", "scheduler_config": {...}},
-     "nfe": {"1": {"timesteps": [999], "sigmas": [...]}, "4": {...}},   # sigmas exclude the final 0
+    {"format_version": 1, "method": "dmd2", "family": "pixel" | "latent" | "factory" | "flow-transformer",
+     "model_class": "UNet2DModel" | ..., "prediction_type": "epsilon" | "v_prediction" | "sample" | "flow",
+     "network": {"format": "diffusers" | "factory", "backbone": "PixelUNetBackbone" | ..., "folder": "unet", ...},
+     "denoiser": {"parameterization": "vp" | "edm" | "flow", "prediction_type": ..., "sigma_data" | "time_scale"},
+     "schedule": {"kind": "vp" | "edm" | "flow", ...},
+     "nfe": {"1": {"timesteps": [999], "sigmas": [...]}, "4": {...}},   # timesteps in the teacher's own time;
+                                                                        # DMD2 sigmas exclude the final 0
      "renoise": "fresh_noise" (DMD2: x0, then fresh noise) | "none" (SFD: Euler steps; "afs" per NFE),
      "conditioning": {"kind": "class", "num_classes": K, "null_class": K} | {"kind": "none"}
                      | {"kind": "text", "teacher": PATH, "sdxl": bool},
@@ -29,9 +33,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .denoiser import VPDenoiser
+from .denoiser import Denoiser, denoiser_from_spec
 from .errors import UserError
-from .schedule import VPSchedule
+from .schedule import schedule_from_manifest
 
 MANIFEST_NAME = "fewstep_student.json"
 FORMAT_VERSION = 1
@@ -79,30 +83,24 @@ def sample_sfd(D, x: torch.Tensor, sigmas: torch.Tensor, cond: dict | None = Non
 
 def base_manifest(teacher, method: str, nfe: dict, renoise: str, training: dict) -> dict:
     """The manifest fields every student of `teacher` shares (the method fills in `nfe` and `training`)."""
-    unet = teacher.denoiser.net.unet
-    if teacher.conditioning == "class":
-        conditioning = {"kind": "class", "num_classes": teacher.num_classes,
-                        "null_class": getattr(teacher, "null_class", None)}
-    elif teacher.conditioning == "text":
-        conditioning = {"kind": "text", "teacher": teacher.source,
-                        "sdxl": unet.config.get("addition_embed_type") == "text_time"}
-    else:
-        conditioning = {"kind": "none"}
+    denoiser = teacher.denoiser
     c, h, w = teacher.x_shape
     image = {"channels": c, "height": h, "width": w, "value_range": [-1, 1]}
-    if teacher.family == "latent":
+    if hasattr(teacher, "image_size"):  # latent teachers: the image is the decoded latent
         image = {"channels": 3, "height": teacher.image_size[0], "width": teacher.image_size[1],
                  "value_range": [-1, 1], "latent_shape": [c, h, w]}
     return {"format_version": FORMAT_VERSION, "method": method, "family": teacher.family,
-            "model_class": type(unet).__name__, "prediction_type": teacher.denoiser.prediction_type,
-            "schedule": {"kind": "vp", "scheduler_config": teacher.scheduler_config},
-            "nfe": nfe, "renoise": renoise, "conditioning": conditioning, "image": image,
+            "model_class": type(denoiser.net.network).__name__, "prediction_type": denoiser.prediction_type,
+            "denoiser": denoiser.spec(),
+            "schedule": denoiser.schedule.to_manifest(teacher.scheduler_config),
+            "nfe": nfe, "renoise": renoise, "conditioning": teacher.conditioning_entry(), "image": image,
             "teacher": teacher.source, "metrics": {}, "training": training}
 
 
-def write_bundle(out_dir: str | Path, student_unet, manifest: dict, extra: dict | None = None) -> Path:
-    """Write unet/ (safetensors), the manifest and `extra` ({file name: state dict}, e.g. SFD-v's NFE
-    embedding) atomically: a temp folder renamed over the old one."""
+def write_bundle(out_dir: str | Path, backbone, manifest: dict, extra: dict | None = None) -> Path:
+    """Write the student network (the backbone's own format: a diffusers folder, or a factory spec + safetensors),
+    the manifest and `extra` ({file name: state dict}, e.g. SFD-v's NFE embedding) atomically: a temp folder
+    renamed over the old one."""
     out_dir = Path(out_dir)
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
@@ -111,7 +109,8 @@ def write_bundle(out_dir: str | Path, student_unet, manifest: dict, extra: dict 
         raise ValueError(f"this code writes format_version {FORMAT_VERSION}, got {manifest['format_version']}")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    student_unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    tmp.mkdir(parents=True)
+    manifest = dict(manifest, network=backbone.save(tmp))
     for name, state in (extra or {}).items():
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / name))
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
@@ -127,9 +126,9 @@ def write_bundle(out_dir: str | Path, student_unet, manifest: dict, extra: dict 
 
 
 class StudentBundle:
-    """A loaded student: `denoiser` (VPDenoiser over the student backbone) and the manifest's recipes."""
+    """A loaded student: `denoiser` (its family's wrapper over the student backbone) and the manifest's recipes."""
 
-    def __init__(self, manifest: dict, denoiser: VPDenoiser, source: str):
+    def __init__(self, manifest: dict, denoiser: Denoiser, source: str):
         self.manifest = manifest
         self.denoiser = denoiser
         self.source = source
@@ -189,18 +188,19 @@ class StudentBundle:
         return sample_dmd2(self.denoiser, x, sigmas, cond, fresh_noise, generator)
 
 
-def _backbone(manifest: dict, unet):
-    """The family's backbone wrapper (the teacher adapters' own classes)."""
+def network_entry(manifest: dict) -> dict:
+    """The manifest's `network` entry; bundles written before it existed were diffusers UNets in unet/."""
+    if "network" in manifest:
+        return manifest["network"]
+    if manifest["model_class"] not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise UserError(f"model_class {manifest['model_class']!r} without a network entry is not a loadable student")
     if manifest["family"] == "pixel":
-        from .adapters.pixel import PixelUNetBackbone
-
-        return PixelUNetBackbone(unet)
-    if manifest["family"] == "latent":
-        from .adapters.latent import SDUNetBackbone, SDXLUNetBackbone
-
-        xl = unet.config.get("addition_embed_type") == "text_time"
-        return SDXLUNetBackbone(unet) if xl else SDUNetBackbone(unet)
-    raise UserError(f"unknown student family {manifest['family']!r}; this fewstep knows pixel and latent")
+        backbone = "PixelUNetBackbone"
+    elif manifest["family"] == "latent":
+        backbone = "SDXLUNetBackbone" if manifest["conditioning"].get("sdxl") else "SDUNetBackbone"
+    else:
+        raise UserError(f"unknown student family {manifest['family']!r} without a network entry")
+    return {"format": "diffusers", "backbone": backbone, "class": manifest["model_class"], "folder": "unet"}
 
 
 def _nfe_conditioned(path: Path, spec: dict, backbone):
@@ -223,9 +223,8 @@ def _nfe_conditioned(path: Path, spec: dict, backbone):
 
 def load_bundle(path: str | Path) -> StudentBundle:
     """Load a student bundle strictly (every weight matched) and check its manifest."""
-    import diffusers
-
-    from .adapters.loading import load_diffusers_model, read_json
+    from .adapters.backbone import load_backbone
+    from .adapters.loading import read_json
 
     path = Path(path)
     if not path.is_dir():
@@ -242,16 +241,15 @@ def load_bundle(path: str | Path) -> StudentBundle:
         raise UserError(f"{path / MANIFEST_NAME} lacks {', '.join(missing)}")
     if manifest["renoise"] not in ("fresh_noise", "none"):
         raise UserError(f"{path}: unknown re-noising rule {manifest['renoise']!r} (known: fresh_noise, none)")
-    if manifest["schedule"].get("kind") != "vp":
-        raise UserError(f"{path}: unknown schedule kind {manifest['schedule'].get('kind')!r} (known: vp)")
-    if manifest["model_class"] not in ("UNet2DModel", "UNet2DConditionModel"):
-        raise UserError(f"{path}: model_class {manifest['model_class']!r} is not a supported diffusers UNet")
     if not manifest["nfe"]:
         raise UserError(f"{path}: the manifest lists no NFE to sample with")
-    unet = load_diffusers_model(getattr(diffusers, manifest["model_class"]), path / "unet")
-    schedule = VPSchedule.from_scheduler_config(manifest["schedule"]["scheduler_config"])
-    backbone = _backbone(manifest, unet)
-    if "nfe_condition" in manifest:
-        backbone = _nfe_conditioned(path, manifest["nfe_condition"], backbone)
-    denoiser = VPDenoiser(backbone, schedule, manifest["prediction_type"]).eval()
+    try:
+        schedule = schedule_from_manifest(manifest["schedule"])
+        backbone = load_backbone(path, network_entry(manifest))
+        if "nfe_condition" in manifest:
+            backbone = _nfe_conditioned(path, manifest["nfe_condition"], backbone)
+        spec = manifest.get("denoiser", {"parameterization": "vp", "prediction_type": manifest["prediction_type"]})
+        denoiser = denoiser_from_spec(spec, backbone, schedule).eval()
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     return StudentBundle(manifest, denoiser, source=str(path))

@@ -1,4 +1,4 @@
-"""The one denoiser convention: D(x, sigma, cond) -> x0, in sigma space (DESIGN.md §2).
+"""The one denoiser convention: D(x, sigma, cond) -> x0, in sigma space (docs/teachers.md).
 
 `x = x0 + sigma * eps` (VE form). Every network that predicts (teacher, fake score, student) is
 wrapped here; the preconditioning lives in the wrapper, never in the backbone. A backbone is any
@@ -8,7 +8,8 @@ module called as `net(x_in, t, **cond) -> tensor` (the adapters give diffusers m
 import torch
 from torch import nn
 
-from .schedule import EDMSchedule, VPSchedule, vp_scalings
+from .errors import UserError
+from .schedule import EDMSchedule, FlowSchedule, VPSchedule, vp_scalings
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -56,9 +57,29 @@ def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class Denoiser(nn.Module):
-    """Base class: `forward(x, sigma, cond) -> x0` with fp32 in and out; `schedule` gives sigma range."""
+    """D(x, sigma, cond) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, t(sigma), cond), fp32 in and out.
 
-    schedule: VPSchedule | EDMSchedule
+    Every family is this one affine form around its backbone F (k-diffusion's and EDM's view); a subclass gives
+    its four functions of sigma, and nothing else differs: the methods, export and the runtime use only these.
+    - `scale_input(x, sigma)`: c_in x, the network's input;
+    - `net_time(sigma)`: the network's own time input (a VP timestep, EDM's ln(sigma) / 4, a flow time x 1000);
+    - `scalings(sigma)`: (c_skip, c_out), x0 from the network's output;
+    - `schedule`: the sigma range and the teacher's own time (schedule.py).
+    """
+
+    schedule: object
+    prediction_types: tuple[str, ...] = PREDICTION_TYPES
+
+    def __init__(self, net: nn.Module, schedule, prediction_type: str):
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+        if prediction_type not in self.prediction_types:
+            raise UserError(f"unknown prediction type {prediction_type!r} for a {self.parameterization} network; "
+                            f"one of {', '.join(self.prediction_types)}")
+        self.prediction_type = prediction_type
+
+    parameterization = "?"
 
     @property
     def sigma_min(self) -> float:
@@ -68,23 +89,54 @@ class Denoiser(nn.Module):
     def sigma_max(self) -> float:
         return self.schedule.sigma_max
 
+    def time_input(self, sigma: torch.Tensor) -> torch.Tensor:
+        """(N,) sigmas -> the backbone's time argument: float32, or int64 for index networks (checked there)."""
+        return self.schedule.check_t(self.net_time(sigma.to(torch.float64)).to(torch.float32))
+
+    def graph_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The exported graph's float `timestep` input as the backbone takes it (an index network: int64; the engine
+        manifest lists only the schedule's own integer timesteps)."""
+        return t if self.schedule.continuous else t.round().long()
+
+    def loss_weighting(self, sigma: torch.Tensor) -> torch.Tensor:
+        """(N,) weights of the x0 error equal to the MSE on the network's own output: 1 / c_out^2 (eps, v and flow
+        targets all give this; EDM's lambda(sigma) is the same expression)."""
+        _, c_out = self.scalings(sigma.to(torch.float64))
+        return (1 / c_out**2).to(sigma.dtype)
+
+    def spec(self) -> dict:
+        """What a student manifest records to rebuild this wrapper (denoiser_from_spec)."""
+        return {"parameterization": self.parameterization, "prediction_type": self.prediction_type}
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        s = _bcast(sigma, x).to(torch.float64)  # scalars in float64, images in x's dtype (fp32)
+        out = self.net(self.scale_input(x, s), self.time_input(s.flatten()), **(cond or {})).to(x.dtype)
+        c_skip, c_out = self.scalings(s)
+        return c_skip.to(x.dtype) * x + c_out.to(x.dtype) * out
+
 
 class VPDenoiser(Denoiser):
     """A discrete-time (DDPM-family) backbone: x_vp = x / sqrt(1 + sigma^2), t = t(sigma)."""
 
-    def __init__(self, net: nn.Module, schedule: VPSchedule, prediction_type: str):
-        super().__init__()
-        self.net = net
-        self.schedule = schedule
-        self.prediction_type = check_prediction_type(prediction_type)
+    parameterization = "vp"
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        s = _bcast(sigma, x).to(torch.float64)  # scalars in float64, images in x's dtype (fp32)
-        alpha, _ = vp_scalings(s)
-        x_vp = x * alpha.to(x.dtype)  # (N, C, H, W)
-        t = self.schedule.sigma_to_t(s.flatten()).to(torch.float32)  # (N,)
-        out = self.net(x_vp, t, **(cond or {})).to(x.dtype)
-        return vp_output_to_x0(out, x, s.to(x.dtype), self.prediction_type)
+    def __init__(self, net: nn.Module, schedule: VPSchedule, prediction_type: str):
+        super().__init__(net, schedule, prediction_type)
+
+    def scale_input(self, x, sigma):
+        return x / torch.sqrt(1 + sigma * sigma).to(x.dtype)
+
+    def net_time(self, sigma):
+        return self.schedule.sigma_to_t(sigma)
+
+    def scalings(self, sigma):
+        # the closed forms of vp_output_to_x0, written on the VE x (no division by a tiny alpha at high noise)
+        alpha, sigma_vp = vp_scalings(sigma)
+        if self.prediction_type == "epsilon":  # x = x0 + sigma eps
+            return torch.ones_like(sigma), -sigma
+        if self.prediction_type == "v_prediction":  # x0 = alpha x_vp - sigma_vp v = alpha^2 x - sigma_vp v
+            return alpha**2, -sigma_vp
+        return torch.zeros_like(sigma), torch.ones_like(sigma)
 
 
 class EDMDenoiser(Denoiser):
@@ -95,27 +147,72 @@ class EDMDenoiser(Denoiser):
     the same with a minus sign, "sample" -> the network already returns x0 (c_skip 0, c_out 1).
     """
 
+    parameterization = "edm"
+
     def __init__(self, net: nn.Module, schedule: EDMSchedule, prediction_type: str = "epsilon",
                  sigma_data: float = 0.5):
-        super().__init__()
-        self.net = net
-        self.schedule = schedule
-        self.prediction_type = check_prediction_type(prediction_type)
+        super().__init__(net, schedule, prediction_type)
         self.sigma_data = float(sigma_data)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        s = _bcast(sigma, x).to(torch.float64)  # scalars in float64, images in x's dtype (fp32)
+    def spec(self) -> dict:
+        return super().spec() | {"sigma_data": self.sigma_data}
+
+    def scale_input(self, x, sigma):
+        return x / torch.sqrt(sigma * sigma + self.sigma_data**2).to(x.dtype)
+
+    def net_time(self, sigma):
+        return sigma.log() / 4
+
+    def scalings(self, sigma):
         sd = self.sigma_data
-        c_in = 1 / (s**2 + sd**2).sqrt()
-        c_noise = (s.flatten().log() / 4).to(torch.float32)
-        out = self.net(x * c_in.to(x.dtype), c_noise, **(cond or {})).to(x.dtype)
         if self.prediction_type == "sample":
-            return out
-        c_skip = sd**2 / (s**2 + sd**2)
-        c_out = s * sd / (s**2 + sd**2).sqrt()
-        if self.prediction_type == "v_prediction":
-            c_out = -c_out
-        return c_skip.to(x.dtype) * x + c_out.to(x.dtype) * out
+            return torch.zeros_like(sigma), torch.ones_like(sigma)
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        return c_skip, (-c_out if self.prediction_type == "v_prediction" else c_out)
+
+
+class FlowDenoiser(Denoiser):
+    """A flow-matching (rectified-flow) backbone: x_t = (1 - t) x0 + t eps = x / (1 + sigma), t = sigma / (1 + sigma).
+
+    "flow": the network predicts the velocity v = eps - x0, so x0 = x_t - t v (SD3, FLUX, SANA); "epsilon" and
+    "sample" as usual. The network is fed `time_scale` * t (1000 t for SD3's transformer, 1 for FLUX's)."""
+
+    parameterization = "flow"
+    prediction_types = ("flow", "epsilon", "sample")
+
+    def __init__(self, net: nn.Module, schedule: FlowSchedule, prediction_type: str = "flow",
+                 time_scale: float = 1000.0):
+        super().__init__(net, schedule, prediction_type)
+        self.time_scale = float(time_scale)
+
+    def spec(self) -> dict:
+        return super().spec() | {"time_scale": self.time_scale}
+
+    def scale_input(self, x, sigma):
+        return x / (1 + sigma).to(x.dtype)
+
+    def net_time(self, sigma):
+        return self.time_scale * sigma / (1 + sigma)
+
+    def scalings(self, sigma):
+        if self.prediction_type == "flow":  # x0 = x / (1 + sigma) - t v
+            return 1 / (1 + sigma), -sigma / (1 + sigma)
+        if self.prediction_type == "epsilon":  # x0 = (x_t - t eps) / (1 - t) = x - sigma eps
+            return torch.ones_like(sigma), -sigma
+        return torch.zeros_like(sigma), torch.ones_like(sigma)
+
+
+DENOISERS = {cls.parameterization: cls for cls in (VPDenoiser, EDMDenoiser, FlowDenoiser)}
+
+
+def denoiser_from_spec(spec: dict, net: nn.Module, schedule) -> Denoiser:
+    """The wrapper a manifest's `denoiser` entry describes, around `net`."""
+    cls = DENOISERS.get(spec.get("parameterization"))
+    if cls is None:
+        raise UserError(f"unknown parameterization {spec.get('parameterization')!r}; one of {', '.join(DENOISERS)}")
+    extra = {k: spec[k] for k in ("sigma_data", "time_scale") if k in spec}
+    return cls(net, schedule, spec["prediction_type"], **extra)
 
 
 def guided(denoiser, scale: float, uncond: dict | None):

@@ -20,16 +20,11 @@ from pathlib import Path
 import torch
 
 from .bundle import base_manifest, write_bundle
-from .denoiser import VPDenoiser, guided
+from .denoiser import Denoiser, guided
 from .errors import UserError
 from .gan_head import BottleneckTap, FakeScore, GANHead
-from .losses import WEIGHTINGS, anchor_loss, denoising_loss, dm_loss, gan_d_loss, gan_g_loss, regression_loss
+from .losses import anchor_loss, denoising_loss, dm_loss, gan_d_loss, gan_g_loss, regression_loss
 from .training import RESUMABLE_CHANGES, autocast, check_finite, optimizer_step, resolve_precision, run_loop
-
-# Where LoRA goes when `lora_rank` is set: attention projections, feed-forwards and resnet convs (the
-# DMD2 SDXL list); names a UNet lacks are skipped by peft.
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 
 
 @dataclass
@@ -49,9 +44,11 @@ class DMD2Config:
     use_gan: bool = True
     gan_g_weight: float = 3e-3
     gan_d_weight: float = 1e-2  # the GAN is off when use_gan is False or both weights are 0
-    min_t: float = 0.02  # DM loss noise range, as fractions of the teacher's timesteps
+    min_t: float = 0.02  # DM loss noise range, as fractions of the teacher's time range (schedule.sigma_at_fraction)
     max_t: float = 0.98
-    student_timesteps: tuple[int, ...] = (999,)  # e.g. (999, 749, 499, 249) for a 4-step student
+    # The student's steps in the teacher's own time: DDPM timesteps (999, 749, 499, 249), EDM sigmas (80, 10, 1.5,
+    # 0.3), flow times (1.0, 0.75, 0.5, 0.25; shifted by the scheduler's shift). None: one step from the top.
+    student_timesteps: tuple[float, ...] | None = None
     backward_simulation: bool = True  # multi-step inputs from the student's own steps (else noised real data)
     regression_weight: float = 0.0  # the original DMD's regression loss (needs regression pairs); off in DMD2
     # Student steps whose sigma is at most this (e.g. a 4-step student's last one) learn the frozen teacher's own
@@ -94,14 +91,14 @@ class Nets:
     reducer never sees a second forward before its backward.
     """
 
-    real: VPDenoiser  # frozen teacher
-    generator: VPDenoiser
+    real: Denoiser  # frozen teacher
+    generator: Denoiser
     fake: FakeScore  # fake score + GAN head
     generator_train: torch.nn.Module
     fake_train: torch.nn.Module
     guidance_scale: float
     uncond: object  # n -> the teacher's null condition (or None)
-    weighting: object  # the fake score's denoising weighting (its prediction type's)
+    weighting: object  # the fake score's denoising weighting (the teacher's own objective: Denoiser.loss_weighting)
     sigma0: float  # the student's first (top) noise level
 
 
@@ -151,14 +148,15 @@ def lr_at(step: int, lr: float, cfg: DMD2Config) -> float:
     return lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def sigma_at(schedule, u: torch.Tensor) -> torch.Tensor:
-    """The teacher's noise level at t = u * t_max (u in [0, 1]), float32."""
-    return schedule.t_to_sigma(u.double() * schedule.t_max).float()
+def student_times(cfg: DMD2Config, schedule) -> list[float]:
+    """The student's steps in the teacher's own time (the config's, or one step from the top); integers stay ints."""
+    times = [schedule.top_time()] if cfg.student_timesteps is None else list(cfg.student_timesteps)
+    return [int(t) if float(t).is_integer() and schedule.kind == "vp" else float(t) for t in times]
 
 
-def served_nfes(timesteps) -> dict[int, list[int]]:
+def served_nfes(timesteps) -> dict[int, list]:
     """NFE -> timesteps the student serves: all of its steps, and the first alone (always pure noise in)."""
-    timesteps = [int(t) for t in timesteps]
+    timesteps = list(timesteps)
     return {1: timesteps[:1], len(timesteps): timesteps}
 
 
@@ -320,7 +318,7 @@ def draw_batch(cfg: DMD2Config, teacher, real_data, pairs, num_student_steps: in
         return torch.randn((*lead, n, *shape), generator=gen)[..., mine, :, :, :].to(device)
 
     def sigmas(lo=0.0, hi=1.0):
-        return sigma_at(schedule, lo + (hi - lo) * torch.rand(n, generator=gen))[mine].to(device)
+        return schedule.sigma_at_fraction(lo + (hi - lo) * torch.rand(n, generator=gen))[mine].to(device)
 
     images, labels = real_data if real_data is not None else (None, None)
     if teacher.conditioning == "class":
@@ -385,17 +383,13 @@ def make_regression_pairs(teacher, n: int, nfe: int = 25, seed: int = 0, guidanc
 
 def check_setup(cfg: DMD2Config, teacher, real_data, pairs, score=None) -> None:
     """Fail before any work on settings that cannot run."""
-    if not isinstance(teacher.denoiser, VPDenoiser) or not hasattr(teacher.denoiser.net, "unet"):
-        raise UserError("DMD2 here distils diffusers UNet teachers with a DDPM-family (VP) schedule "
-                        f"(pixel or latent); {teacher.describe()} is not one")
+    schedule = teacher.denoiser.schedule
+    ts = student_times(cfg, schedule)
+    student_sigmas = schedule.student_sigmas(ts)  # checks them against the teacher's own time
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.dfake_gen_update_ratio < 1:
         raise UserError("steps, batch_size and dfake_gen_update_ratio must be positive")
     if not 0 <= cfg.min_t < cfg.max_t <= 1:
         raise UserError(f"need 0 <= min_t < max_t <= 1, got {cfg.min_t}, {cfg.max_t}")
-    ts = list(cfg.student_timesteps)
-    t_max = teacher.denoiser.schedule.num_train_timesteps - 1
-    if not ts or any(not 0 <= t <= t_max for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
-        raise UserError(f"student_timesteps must decrease strictly within 0..{t_max}, got {ts}")
     if gan_enabled(cfg) and real_data is None:
         raise UserError("the GAN loss needs real data; pass real_data or set use_gan=False")
     if len(ts) > 1 and not cfg.backward_simulation and real_data is None:
@@ -416,7 +410,7 @@ def check_setup(cfg: DMD2Config, teacher, real_data, pairs, score=None) -> None:
         raise UserError("fake_per_step conditions the fake score on the student step: it needs a multi-step student "
                         "(student_timesteps with two or more steps)")
     if cfg.anchor_sigma > 0:
-        first_sigma = float(teacher.denoiser.schedule.t_to_sigma(torch.tensor(float(ts[0]))))
+        first_sigma = float(student_sigmas[0])
         if cfg.anchor_sigma >= first_sigma:
             raise UserError(f"anchor_sigma {cfg.anchor_sigma} would anchor the first student step (sigma "
                             f"{first_sigma:.4g}) too, leaving nothing to distribution matching: set it below that")
@@ -439,19 +433,23 @@ def check_setup(cfg: DMD2Config, teacher, real_data, pairs, score=None) -> None:
 
 
 def add_lora(backbone, rank: int) -> None:
-    """Wrap the backbone's UNet in a peft LoRA model (rank r, alpha r); only the LoRA weights train."""
+    """Wrap the backbone's network in a peft LoRA model (rank r, alpha r) on the modules its adapter names; only
+    the LoRA weights train."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UserError("lora_rank needs peft: pip install 'fewstep[lora]'") from None
-    targets = {name.split(".")[-1] for name, _ in backbone.unet.named_modules()}
-    wanted = [t for t in LORA_TARGETS if t.split(".")[-1] in targets]
+    names = {name for name, _ in backbone.network.named_modules()}
+    wanted = [t for t in backbone.lora_targets if any(n == t or n.endswith("." + t) for n in names)]
+    if not wanted:
+        raise UserError(f"lora_rank: none of the LoRA target modules ({', '.join(backbone.lora_targets) or 'none'}) "
+                        f"is in {type(backbone.network).__name__}; declare lora_targets in the teacher's spec")
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=wanted, init_lora_weights="gaussian")
-    backbone.unet = get_peft_model(backbone.unet, config)
+    backbone.set_network(get_peft_model(backbone.network, config))
 
 
-def start_from_student(generator: VPDenoiser, bundle_dir: str) -> None:
-    """Load a student bundle's UNet into the generator, strictly: same architecture and prediction type."""
+def start_from_student(generator, bundle_dir: str) -> None:
+    """Load a student bundle's network into the generator, strictly: same architecture and prediction type."""
     from .bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
@@ -459,25 +457,27 @@ def start_from_student(generator: VPDenoiser, bundle_dir: str) -> None:
         raise UserError(f"init_generator {bundle_dir} predicts {bundle.denoiser.prediction_type}, this teacher "
                         f"{generator.prediction_type}: start from a student of this teacher")
     try:
-        generator.net.unet.load_state_dict(bundle.denoiser.net.unet.state_dict(), strict=True)
+        generator.net.network.load_state_dict(bundle.denoiser.net.network.state_dict(), strict=True)
     except RuntimeError as e:
-        raise UserError(f"init_generator {bundle_dir} is not a student of this teacher (its UNet differs: "
+        raise UserError(f"init_generator {bundle_dir} is not a student of this teacher (its network differs: "
                         f"{str(e).splitlines()[0]})") from None
 
 
-def student_unet(generator: VPDenoiser, ema: dict | None):
-    """The plain diffusers UNet to ship: EMA weights if kept, LoRA merged in."""
+def student_backbone(generator, weights: dict | None):
+    """The backbone to ship: `weights` (EMA or selected) if given, LoRA merged in."""
     net = copy.deepcopy(generator.net)
-    if ema is not None:
-        net.load_state_dict(ema)
-    unet = net.unet
-    return unet.merge_and_unload() if hasattr(unet, "merge_and_unload") else unet
+    if weights is not None:
+        net.load_state_dict(weights)
+    if hasattr(net.network, "merge_and_unload"):  # a peft model
+        net.set_network(net.network.merge_and_unload())
+    return net
 
 
-def student_manifest(cfg: DMD2Config, teacher, sigma_of) -> dict:
+def student_manifest(cfg: DMD2Config, teacher) -> dict:
     """The bundle manifest (bundle.py) for a DMD2 student of this teacher."""
-    nfe = {str(n): {"timesteps": ts, "sigmas": [float(s) for s in sigma_of(ts)]}
-           for n, ts in served_nfes(cfg.student_timesteps).items()}
+    schedule = teacher.denoiser.schedule
+    nfe = {str(n): {"timesteps": ts, "sigmas": [float(s) for s in schedule.student_sigmas(ts)]}
+           for n, ts in served_nfes(student_times(cfg, schedule)).items()}
     return base_manifest(teacher, "dmd2", nfe, "fresh_noise", asdict(cfg))
 
 
@@ -504,10 +504,7 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     torch.manual_seed(cfg.seed)
     schedule = teacher.denoiser.schedule
 
-    def sigma_of(timesteps):
-        return schedule.t_to_sigma(torch.tensor(timesteps, dtype=torch.float64))
-
-    student_sigmas = sigma_of(list(cfg.student_timesteps)).to(device)  # (K,) float64
+    student_sigmas = schedule.student_sigmas(student_times(cfg, schedule)).to(device)  # (K,) float64
 
     # The three networks: the teacher stays frozen; fake score and generator are trainable copies.
     real = teacher.denoiser.eval().requires_grad_(False)
@@ -538,7 +535,7 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     generator_train, fake_train, opt_g, opt_f = accelerator.prepare(generator, fake, opt_g, opt_f)
     scale = teacher.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
     nets = Nets(real, generator, fake, generator_train, fake_train, scale, teacher.uncond,
-                WEIGHTINGS[real.prediction_type], float(student_sigmas[0]))
+                real.loss_weighting, float(student_sigmas[0]))
     scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     scaler_f = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = ({k: v.detach().clone() for k, v in generator.net.state_dict().items()}
@@ -636,7 +633,7 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
         if fake.steps is not None:
             fake.steps.handle.remove()
 
-    manifest = student_manifest(cfg, teacher, sigma_of)
+    manifest = student_manifest(cfg, teacher)
     manifest["training"] |= {"train_seconds": round(elapsed, 1), "steps_done": step, **counts,
                              "processes": accelerator.num_processes}
     selected = cfg.select_every and best["weights"] is not None  # else no finite rating: the last step ships
@@ -646,7 +643,7 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
                                  "selection_seconds": round(best["seconds"], 1)}
     bundle = out_dir / "student"
     if accelerator.is_main_process:
-        write_bundle(bundle, student_unet(generator, best["weights"] if selected else ema), manifest)
+        write_bundle(bundle, student_backbone(generator, best["weights"] if selected else ema), manifest)
     accelerator.wait_for_everyone()
     return bundle
 

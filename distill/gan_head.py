@@ -1,15 +1,14 @@
-"""DMD2's GAN head on the fake score's bottleneck (DESIGN.md §3), and the hook that provides its input.
+"""DMD2's GAN head on the fake score's bottleneck, and the hook that provides its input.
 
-The head reads the output of the diffusers UNet's `mid_block`, recorded by a forward hook during an
-ordinary fake-score forward: one call gives both the x0 prediction and the features.
+The head reads the output of the module the backbone's adapter names (a diffusers UNet's `mid_block`, a factory
+spec's `gan_tap`), recorded by a forward hook during an ordinary fake-score forward: one call gives both the x0
+prediction and the features.
 """
 
 import math
 
 import torch
 from torch import nn
-
-from .errors import UserError
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -45,29 +44,22 @@ class GANHead(nn.Module):
         return self.net(features).flatten()  # (N, C, H, W) -> (N,)
 
 
-def find_mid_block(net: nn.Module) -> nn.Module:
-    """The `mid_block` of a backbone's diffusers UNet (`net.unet.mid_block`, or `net.mid_block`)."""
-    unet = getattr(net, "unet", net)
-    mid = getattr(unet, "mid_block", None)
-    if mid is None:
-        raise UserError(f"the GAN head reads a diffusers UNet's mid_block, and {type(unet).__name__} has none; "
-                        "train without the GAN loss (gan weights 0)")
-    return mid
-
-
 class BottleneckTap:
-    """Records the output of a UNet's mid block on every forward (a forward hook); `pop()` takes it."""
+    """Records the features of the backbone's GAN tap (the module its adapter names: a diffusers UNet's mid block, a
+    transformer's middle block, a factory spec's `gan_tap`) on every forward, through a forward hook; `pop()` takes
+    them as (N, C, h, w)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, backbone: nn.Module):
         self.features = None
-        self.handle = find_mid_block(net).register_forward_hook(self._record)
+        self.backbone = backbone
+        self.handle = backbone.tap_module().register_forward_hook(self._record)
 
     def _record(self, module, inputs, output):
-        self.features = output[0] if isinstance(output, tuple) else output  # (N, C, h, w)
+        self.features = self.backbone.tap_features(output)  # (N, C, h, w)
 
     def pop(self) -> torch.Tensor:
         if self.features is None:
-            raise RuntimeError("no mid-block features recorded: run the fake score first")
+            raise RuntimeError("no bottleneck features recorded: run the fake score first")
         features, self.features = self.features, None
         return features
 
@@ -76,18 +68,14 @@ class BottleneckTap:
 
 
 class StepEmbedding(nn.Module):
-    """A learned vector per student step, added to a diffusers UNet's time embedding (a forward hook on its
-    `time_embedding`): the fake score then models each step's outputs on their own. Zero at the start, so the
+    """A learned vector per student step, added to the backbone's time embedding (a forward hook on the module its
+    adapter names): the fake score then models each step's outputs on their own. Zero at the start, so the
     fake score starts as the teacher. `step` (N,) must be set before each forward."""
 
-    def __init__(self, net: nn.Module, num_steps: int):
+    def __init__(self, backbone: nn.Module, num_steps: int):
         super().__init__()
-        unet = getattr(net, "unet", net)
-        time_embedding = getattr(unet, "time_embedding", None)
-        if time_embedding is None or not hasattr(time_embedding, "linear_2"):
-            raise UserError(f"fake_per_step adds to a diffusers UNet's time embedding, and {type(unet).__name__} has "
-                            "none; leave fake_per_step off")
-        self.table = nn.Embedding(num_steps, time_embedding.linear_2.out_features)
+        time_embedding, width = backbone.time_embedding()
+        self.table = nn.Embedding(num_steps, width)
         nn.init.zeros_(self.table.weight)
         self.step = None
         self.handle = time_embedding.register_forward_hook(self._add)

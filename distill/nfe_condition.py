@@ -38,19 +38,35 @@ class NFEEmbedding(nn.Module):
 
 
 class NFEConditioned(nn.Module):
-    """A backbone (`net(x, t, **cond)` with a `.unet`) that also takes `nfe` (N,) and adds NFEEmbedding(nfe)
-    to its UNet's time embedding, through a forward hook on `unet.time_embedding`."""
+    """A backbone that also takes `nfe` (N,) and adds NFEEmbedding(nfe) to its time embedding (the module its adapter
+    names), through a forward hook. The backbone's other answers (GAN tap, saving) pass through."""
 
     def __init__(self, backbone: nn.Module, embedding: NFEEmbedding):
         super().__init__()
         self.backbone = backbone
         self.embedding = embedding
         self._add = None
-        backbone.unet.time_embedding.register_forward_hook(self._hook)
+        backbone.time_embedding()[0].register_forward_hook(self._hook)
+
+    @property
+    def network(self):
+        return self.backbone.network
 
     @property
     def unet(self):
-        return self.backbone.unet
+        return self.backbone.network
+
+    def tap_module(self):
+        return self.backbone.tap_module()
+
+    def tap_features(self, output):
+        return self.backbone.tap_features(output)
+
+    def time_embedding(self):
+        return self.backbone.time_embedding()
+
+    def save(self, folder):
+        return self.backbone.save(folder)
 
     def _hook(self, module, inputs, output):
         return output if self._add is None else output + self._add.to(output.dtype)
@@ -63,6 +79,6 @@ class NFEConditioned(nn.Module):
             self._add = None
 
 
-def time_embed_dim(unet) -> int:
-    """The width of a diffusers UNet's time embedding (what the NFE embedding is added to)."""
-    return unet.time_embedding.linear_2.out_features
+def time_embed_dim(backbone) -> int:
+    """The width of a backbone's time embedding (what the NFE embedding is added to)."""
+    return backbone.time_embedding()[1]

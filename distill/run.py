@@ -214,7 +214,7 @@ def check_conditioning(preset_name: str, preset: Preset, teacher) -> None:
                         "class labels (its UNet has no class embedding); use --preset pixel for unconditional "
                         "teachers")
     if preset_name == "sdxl" and getattr(teacher, "family", "") == "latent":
-        unet = teacher.denoiser.net.unet
+        unet = teacher.denoiser.net.network
         if unet.config.get("addition_embed_type") != "text_time":
             raise UserError(f"{teacher.source} is an SD 1.5-layout teacher; use --preset sd15")
 

@@ -132,6 +132,7 @@ def sample(D, noise, schedule, sampler: str, nfe: int, cond=None, grid: str | No
     """Run a named sampler for `nfe` network calls from unit-variance `noise`; returns x0."""
     steps = steps_for_nfe(sampler, nfe)  # validates the name and the NFE first
     fn, default_grid, _ = SAMPLERS[sampler]
-    sigmas = make_sigmas(grid or default_grid, steps, schedule, rho)
+    # the sampler's usual grid where the teacher allows it (an index network: its own timesteps; flow: shifted times)
+    sigmas = make_sigmas(grid or schedule.preferred_grid(default_grid), steps, schedule, rho)
     x = noise * sigmas[0].item()
     return fn(D, x, sigmas, cond, progress=progress)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .bundle import base_manifest, write_bundle
-from .denoiser import VPDenoiser, guided
+from .denoiser import guided
 from .errors import UserError
 from .nfe_condition import NFEConditioned, NFEEmbedding, time_embed_dim
 from .samplers import dpmpp_states
@@ -115,11 +115,19 @@ def perceptual_loss(x: torch.Tensor, y: torch.Tensor, levels: int = 3) -> torch.
     return loss
 
 
+def sfd_grids(schedule, nfe: int, cfg: SFDConfig, sigma_min: float, sigma_max: float, device):
+    """(student timestamps, teacher grid) for one NFE. A network that takes integer timesteps is asked only at the
+    schedule's own points: both grids are moved to the nearest of them (schedule.snap), and must stay distinct."""
+    coarse = schedule.snap(student_sigmas(nfe, cfg.afs, sigma_min, sigma_max, cfg.rho))
+    fine = schedule.snap(teacher_sigmas(nfe, cfg.afs, cfg.teacher_steps, sigma_min, sigma_max, cfg.rho))
+    if bool((fine[1:] >= fine[:-1]).any()):
+        raise UserError(f"NFE {nfe} with teacher_steps {cfg.teacher_steps}: on this network's integer timesteps two "
+                        "grid points coincide; lower teacher_steps or raise sigma_min")
+    return coarse, fine.to(device)
+
+
 def check_setup(cfg: SFDConfig, teacher) -> None:
     """Fail before any work on settings that cannot run, naming what is allowed."""
-    if not isinstance(teacher.denoiser, VPDenoiser) or not hasattr(teacher.denoiser.net, "unet"):
-        raise UserError("SFD here distils diffusers UNet teachers with a DDPM-family (VP) schedule; "
-                        f"{teacher.describe()} is not one")
     if cfg.nfe == 1 and not cfg.nfes:
         raise UserError("--nfe 1 is SFD's second stage: it distils an SFD or SFD-v student (sampled at NFE "
                         f"{cfg.source_nfe}) into one step; give that student with --source DIR (train_sfd_one_step)")
@@ -165,14 +173,12 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
     sigma_min, sigma_max = sigma_range(cfg, teacher)
     variable = bool(cfg.nfes)  # SFD-v
     nfes = tuple(cfg.nfes) if variable else (cfg.nfe,)
-    grids = {n: (student_sigmas(n, cfg.afs, sigma_min, sigma_max, cfg.rho),
-                 teacher_sigmas(n, cfg.afs, cfg.teacher_steps, sigma_min, sigma_max, cfg.rho).to(device))
-             for n in nfes}
+    grids = {n: sfd_grids(teacher.denoiser.schedule, n, cfg, sigma_min, sigma_max, device) for n in nfes}
     real = teacher.denoiser.eval().requires_grad_(False)
     student = copy.deepcopy(real).train().requires_grad_(True)
     embedding = None
     if variable:  # the step count as an extra condition, zero at the start (student == teacher)
-        embedding = NFEEmbedding(time_embed_dim(student.net.unet)).to(device)
+        embedding = NFEEmbedding(time_embed_dim(student.net)).to(device)
         student.net = NFEConditioned(student.net, embedding)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     student_train, opt = accelerator.prepare(student, opt)
@@ -242,7 +248,7 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
         extra[embedding.spec()["weights"]] = embedding.state_dict()
     bundle = out_dir / "student"
     if accelerator.is_main_process:
-        write_bundle(bundle, student.net.unet, manifest, extra)
+        write_bundle(bundle, student.net, manifest, extra)
     accelerator.wait_for_everyone()
     return bundle
 
@@ -338,6 +344,6 @@ def train_sfd_one_step(cfg: SFDConfig, out_dir: str | Path, progress: bool = Tru
         extra[manifest["nfe_condition"]["weights"]] = student.net.embedding.state_dict()
     bundle = out_dir / "student"
     if accelerator.is_main_process:
-        write_bundle(bundle, student.net.unet, manifest, extra)
+        write_bundle(bundle, student.net, manifest, extra)
     accelerator.wait_for_everyone()
     return bundle

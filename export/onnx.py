@@ -76,6 +76,7 @@ class GraphStudent(nn.Module):
 
     def __init__(self, bundle):
         super().__init__()
+        self.denoiser = bundle.denoiser
         self.net = bundle.denoiser.net
         self.prediction_type = bundle.denoiser.prediction_type
         self.input_names = ["x", "sigma", "timestep", *condition_names(bundle.manifest)]
@@ -83,7 +84,8 @@ class GraphStudent(nn.Module):
     def forward(self, x, sigma, timestep, *extra):
         cond = dict(zip(self.input_names[3:], extra))
         s = sigma.reshape(-1, 1, 1, 1)
-        return self.net(x / torch.sqrt(1 + s * s), timestep, **cond)
+        # the family's input scaling (x / sqrt(1 + sigma^2), EDM's c_in, x / (1 + sigma)), in float32
+        return self.net(self.denoiser.scale_input(x, s), self.denoiser.graph_time(timestep), **cond)
 
 
 def loop_inputs(bundle, nfe: int, batch: int, seed: int = 0, cond: dict | None = None) -> list[dict]:
@@ -116,11 +118,11 @@ def run_loop(bundle, nfe: int, batch: int, seed: int = 0, cond: dict | None = No
         else:
             fresh = torch.randn((nfe, batch, *bundle.x_shape), generator=g)
             x0 = sample_dmd2(recorder, noise * sigmas[0].item(), sigmas, cond, fresh)
-    schedule = bundle.denoiser.schedule
     # floats as float32, ids (class labels, the step count) as int64: the graph's input types
     cond_feed = {k: v.numpy().astype(np.float32 if v.is_floating_point() else np.int64) for k, v in cond.items()}
     feeds = [{"x": x.numpy().astype(np.float32), "sigma": sigma.float().numpy(),
-              "timestep": schedule.sigma_to_t(sigma.double()).float().numpy(), **cond_feed} for x, sigma in calls]
+              "timestep": bundle.denoiser.net_time(sigma.double()).float().numpy(), **cond_feed}
+             for x, sigma in calls]
     return feeds, x0
 
 
@@ -190,14 +192,15 @@ class HalfGraph(nn.Module):
 
     def __init__(self, model: GraphStudent):
         super().__init__()
+        self.denoiser = model.denoiser
         self.net = copy.deepcopy(model.net).half()
         self.input_names, self.output_names = model.input_names, model.output_names
 
     def forward(self, x, sigma, timestep, *extra):
         s = sigma.reshape(-1, 1, 1, 1)
-        x_vp = (x / torch.sqrt(1 + s * s)).half()
+        x_vp = self.denoiser.scale_input(x, s).half()
         cond = {k: v.half() if v.is_floating_point() else v for k, v in zip(self.input_names[3:], extra)}
-        return self.net(x_vp, timestep, **cond).float()
+        return self.net(x_vp, self.denoiser.graph_time(timestep), **cond).float()
 
 
 def sort_nodes(graph) -> None:
@@ -417,7 +420,7 @@ def io_specs(names: list[str], feed: dict) -> list[dict]:
     return [{"name": n, "dtype": str(feed[n].dtype), "shape": ["batch", *feed[n].shape[1:]]} for n in names]
 
 
-def step_coefficients(schedule: dict, prediction_type: str) -> list[dict]:
+def step_coefficients(schedule: dict, prediction_type: str, denoiser=None) -> list[dict]:
     """Per step of a schedule, the scalars a host's loop needs (docs/engine_spec.md), so it need not derive them.
     The runtime computes them itself (runtime/pipeline.py); tests/test_golden.py checks that both agree.
 
@@ -428,11 +431,18 @@ def step_coefficients(schedule: dict, prediction_type: str) -> list[dict]:
     steps = []
     for i in range(len(sigmas) - 1 if renoise == "none" else len(sigmas)):
         s = float(np.float32(sigmas[i]))  # the x0 closed forms use the sigma the graph was fed
-        x0_coefficients = {"epsilon": (1.0, -s), "v_prediction": (1 / (1 + s * s), -s / np.sqrt(1 + s * s)),
-                           "sample": (0.0, 1.0)}[prediction_type]
+        if denoiser is None or denoiser.parameterization == "vp":
+            x0_coefficients = {"epsilon": (1.0, -s), "v_prediction": (1 / (1 + s * s), -s / np.sqrt(1 + s * s)),
+                               "sample": (0.0, 1.0)}[prediction_type]
+            input_scale = 1 / float(np.sqrt(1 + sigmas[i] ** 2))
+        else:  # the family's own (c_skip, c_out) and c_in
+            sig = torch.tensor([s], dtype=torch.float64)
+            x0_coefficients = [float(c) for c in denoiser.scalings(sig)]
+            input_scale = float(denoiser.scale_input(torch.ones(1, dtype=torch.float64),
+                                                     torch.tensor([float(sigmas[i])], dtype=torch.float64)))
         step = {"sigma": sigmas[i], "timestep": timesteps[i],
                 "network_call": not (renoise == "none" and schedule["afs"] and i == 0),
-                "input_scale": 1 / float(np.sqrt(1 + sigmas[i] ** 2)),
+                "input_scale": input_scale,
                 "x0_from_x": float(x0_coefficients[0]), "x0_from_prediction": float(x0_coefficients[1])}
         if renoise == "none":
             step["euler_dt"] = sigmas[i + 1] - sigmas[i]
@@ -455,16 +465,17 @@ def engine_manifest(bundle, nfe: int, model: GraphStudent, files: dict, feed: di
     def schedule(k: int) -> dict:
         sig = bundle.sigmas(k)
         entry = {"nfe": k, "sigmas": [float(s) for s in sig],
-                 "timesteps": [float(t) for t in bundle.denoiser.schedule.sigma_to_t(sig)],
+                 "timesteps": [float(t) for t in bundle.denoiser.net_time(sig)],
                  "afs": bool(m["nfe"][str(k)].get("afs", False)), "renoise": m["renoise"],
                  "first_input": "noise * sigmas[0]"}
-        return entry | {"steps": step_coefficients(entry, m["prediction_type"])}
+        return entry | {"steps": step_coefficients(entry, m["prediction_type"], bundle.denoiser)}
 
     return {"format_version": ENGINE_FORMAT_VERSION, "method": m["method"], "family": m["family"],
-            "graph": "prediction = UNet(x / sqrt(1 + sigma^2), timestep, ...): x in VE form (x = x0 + sigma * eps); "
-                     "feed timestep = the schedule's timestep for each sigma; x0 from prediction_type "
-                     "(runtime/convention.py)",
+            "graph": "prediction = network(c_in(sigma) x, timestep, ...): x in VE form (x = x0 + sigma * eps), c_in "
+                     "the parameterization's input scaling; feed timestep = the schedule's timestep for each sigma; "
+                     "x0 from prediction_type and parameterization (runtime/convention.py)",
             "prediction_type": m["prediction_type"],
+            **{k: v for k, v in bundle.denoiser.spec().items() if k in ("parameterization", "sigma_data")},
             "inputs": inputs,
             "outputs": io_specs(model.output_names, {"prediction": feed["x"]}),
             # `schedule`: the NFE export checked (parity, quality gate) and the runtime's default; `schedules`: every

@@ -42,7 +42,9 @@ def tolerance(pipe: Pipeline, schedule: dict) -> dict:
     """The bounds a host should meet for this engine and schedule (see PREDICTION_MAX_ABS)."""
     predict = PREDICTION_MAX_ABS.get(pipe.precision, PREDICTION_MAX_ABS["int8"])
     # |d x0 / d prediction| per call: sigma (epsilon), sigma / sqrt(1 + sigma^2) (v_prediction), 1 (sample)
-    gain = max(abs(float(x0_from_output(np.ones(1), np.zeros(1), np.array([s]), pipe.manifest["prediction_type"])[0]))
+    m = pipe.manifest
+    gain = max(abs(float(x0_from_output(np.ones(1), np.zeros(1), np.array([s]), m["prediction_type"],
+                                        m.get("parameterization", "vp"), m.get("sigma_data", 0.5))[0]))
                for s in schedule["sigmas"])
     loop = predict * max(10.0, 2.0 * gain)
     return {"noise_max_abs": NOISE_MAX_ABS, "prediction_max_abs": predict, "x0_max_abs": X0_MAX_ABS,
@@ -183,7 +185,8 @@ def check_golden(golden_dir: str | Path, engine_dir: str | Path | None = None,
         # one call on the golden feed and state
         compare("prediction", pipe.backend.run(feed), load(want["prediction"]), tol["prediction_max_abs"])
         x0 = x0_from_output(load(want["prediction"]), load(want["state"]), feed["sigma"],
-                            index["engine"]["prediction_type"])
+                            index["engine"]["prediction_type"], pipe.manifest.get("parameterization", "vp"),
+                            pipe.manifest.get("sigma_data", 0.5))
         compare("x0", x0, load(want["x0"]), tol["x0_max_abs"])
         # this runtime's own loop from the seed
         for name, value in call["feed"].items():

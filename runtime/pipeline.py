@@ -237,7 +237,9 @@ class Pipeline:
         out = self.backend.run(feed)
         ms = 1000 * (time.perf_counter() - t0)
         # one sigma for the batch, as fed (float32): the scalar form of the same float64 arithmetic
-        return x0_from_output(out, x, feed["sigma"][0], self.manifest["prediction_type"]), ms
+        m = self.manifest
+        return x0_from_output(out, x, feed["sigma"][0], m["prediction_type"], m.get("parameterization", "vp"),
+                              m.get("sigma_data", 0.5)), ms
 
     def sample(self, schedule: dict, noise: np.ndarray, cond: dict) -> tuple[np.ndarray, np.ndarray, float]:
         """The manifest's loop on one chunk (`cond`: the condition inputs, see denoise): (x0 (N, C, H, W) float64,

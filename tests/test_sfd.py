@@ -186,7 +186,7 @@ def test_nfe_conditioned_student_starts_as_its_teacher(teacher_dir):
     from distill.nfe_condition import NFEConditioned, NFEEmbedding, time_embed_dim
 
     teacher = load_teacher(teacher_dir)
-    student = NFEConditioned(teacher.denoiser.net, NFEEmbedding(time_embed_dim(teacher.denoiser.net.unet)))
+    student = NFEConditioned(teacher.denoiser.net, NFEEmbedding(time_embed_dim(teacher.denoiser.net)))
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     t, labels = torch.tensor([10.0, 500.0, 990.0]), torch.tensor([0, 1, 2])
     with torch.no_grad():

@@ -26,6 +26,10 @@ class Teacher:
         """'class', 'text' or 'none'."""
         return "none"
 
+    def conditioning_entry(self) -> dict:
+        """The student manifest's `conditioning`."""
+        return {"kind": "none"}
+
     def cond(self, labels=None, prompts=None) -> dict:
         return {}
 
@@ -61,6 +65,11 @@ class ClassLabelTeacher(Teacher):
     @property
     def conditioning(self) -> str:
         return "class" if self.num_classes else "none"
+
+    def conditioning_entry(self) -> dict:
+        if not self.num_classes:
+            return {"kind": "none"}
+        return {"kind": "class", "num_classes": self.num_classes, "null_class": self.null_class}
 
     def cond(self, labels=None, prompts=None) -> dict:
         if prompts is not None:

@@ -14,29 +14,34 @@ from torch import nn
 from ..denoiser import VPDenoiser
 from ..errors import UserError
 from ..schedule import VPSchedule
+from .backbone import DiffusersBackbone
 from .base import Teacher
 from .loading import find_weights, load_diffusers_model, load_strict, read_json, read_weights
+from .pixel import LORA_TARGETS
 
 DEFAULT_GUIDANCE_SCALE = 7.5  # the diffusers SD / SDXL pipelines' default
 
 
-class SDUNetBackbone(nn.Module):
+class SDUNetBackbone(DiffusersBackbone):
     """SD 1.5 UNet2DConditionModel as `net(x, t, encoder_hidden_states) -> tensor` (flat tensors, ONNX-ready)."""
+
+    lora_targets = LORA_TARGETS
 
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
+
+    def check_context(self, prompt_encoder, source: str) -> None:
+        if prompt_encoder.context_dim != self.unet.config.cross_attention_dim:
+            raise UserError(f"{source}: the text encoders give {prompt_encoder.context_dim}-dim embeddings but the "
+                            f"UNet's cross_attention_dim is {self.unet.config.cross_attention_dim}")
 
     def forward(self, x, t, encoder_hidden_states):
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states).sample
 
 
-class SDXLUNetBackbone(nn.Module):
+class SDXLUNetBackbone(SDUNetBackbone):
     """SDXL UNet2DConditionModel as `net(x, t, encoder_hidden_states, text_embeds, time_ids) -> tensor`."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
 
     def forward(self, x, t, encoder_hidden_states, text_embeds, time_ids):
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
@@ -93,22 +98,23 @@ class LatentTeacher(Teacher):
     family = "latent"
 
     def __init__(self, backbone: nn.Module, vae, prompt_encoder, scheduler_config: dict,
-                 image_size: tuple[int, int], meta: dict | None = None, source: str = ""):
+                 image_size: tuple[int, int], meta: dict | None = None, source: str = "", denoiser=None):
+        """`denoiser`: the wrapper around `backbone` (default: a VP one from the scheduler config, SD / SDXL)."""
         meta = meta or {}
-        unet = backbone.unet
-        prediction_type = scheduler_config.get("prediction_type", "epsilon")
-        self.denoiser = VPDenoiser(backbone, VPSchedule.from_scheduler_config(scheduler_config), prediction_type)
+        if denoiser is None:
+            prediction_type = scheduler_config.get("prediction_type", "epsilon")
+            denoiser = VPDenoiser(backbone, VPSchedule.from_scheduler_config(scheduler_config), prediction_type)
+        self.denoiser = denoiser
         self.vae = vae
         self.prompt_encoder = prompt_encoder
         self.vae_scale_factor = _vae_scale_factor(vae)
         self.image_size = tuple(image_size)  # (H, W) pixels; the latents are 1 / vae_scale_factor of that
-        self.x_shape = (unet.config.in_channels, *(s // self.vae_scale_factor for s in self.image_size))
-        if unet.config.in_channels != vae.config.latent_channels:
-            raise UserError(f"{source}: the UNet takes {unet.config.in_channels} channels but the VAE makes "
-                            f"{vae.config.latent_channels}-channel latents")
-        if prompt_encoder.context_dim != unet.config.cross_attention_dim:
-            raise UserError(f"{source}: the text encoders give {prompt_encoder.context_dim}-dim embeddings but the "
-                            f"UNet's cross_attention_dim is {unet.config.cross_attention_dim}")
+        in_channels = backbone.network.config.in_channels
+        self.x_shape = (in_channels, *(s // self.vae_scale_factor for s in self.image_size))
+        if in_channels != vae.config.latent_channels:
+            raise UserError(f"{source}: the {type(backbone.network).__name__} takes {in_channels} channels but the "
+                            f"VAE makes {vae.config.latent_channels}-channel latents")
+        backbone.check_context(prompt_encoder, source)
         # Latent <-> VAE space: z = (mean - shift) * scale. SD / SDXL: shift 0, scale = scaling_factor;
         # VAEs with shift_factor (SD3-style) or per-channel latents_mean / latents_std follow the diffusers pipelines.
         shift = vae.config.get("shift_factor") or 0.0
@@ -130,6 +136,10 @@ class LatentTeacher(Teacher):
     @property
     def conditioning(self) -> str:
         return "text"
+
+    def conditioning_entry(self) -> dict:
+        return {"kind": "text", "teacher": self.source, "sdxl": isinstance(self.denoiser.net, SDXLUNetBackbone),
+                "encoder": type(self.prompt_encoder).__name__}
 
     def cond(self, labels=None, prompts=None) -> dict:
         if labels is not None:
@@ -177,7 +187,7 @@ class LatentTeacher(Teacher):
         return self
 
     def describe(self) -> str:
-        kind = "SDXL" if isinstance(self.denoiser.net, SDXLUNetBackbone) else "SD"
+        kind = type(self.denoiser.net.network).__name__
         return f"{super().describe()} ({kind}, images {self.image_size[0]}x{self.image_size[1]})"
 
 

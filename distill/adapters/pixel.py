@@ -2,17 +2,23 @@
 
 from pathlib import Path
 
-from torch import nn
-
 from ..denoiser import VPDenoiser
 from ..errors import UserError
 from ..schedule import VPSchedule
+from .backbone import DiffusersBackbone
 from .base import ClassLabelTeacher
 from .loading import load_diffusers_model, read_json
 
+# Where LoRA goes on a diffusers UNet: attention projections, feed-forwards and resnet convs (the DMD2 SDXL list);
+# names a UNet lacks are skipped.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
-class PixelUNetBackbone(nn.Module):
+
+class PixelUNetBackbone(DiffusersBackbone):
     """UNet2DModel as `net(x, t, class_labels=None) -> tensor` (the denoiser's backbone form)."""
+
+    lora_targets = LORA_TARGETS
 
     def __init__(self, unet):
         super().__init__()
