@@ -196,3 +196,9 @@ def test_export_parity_and_runtime_match_pytorch(teachers, family, tmp_path):
         x0 = bundle.generate(noise[:, 0], bundle.cond([0, 1, 2]), nfe, fresh_noise=noise[:, 1:].transpose(0, 1))
         want = ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         assert np.abs(images.astype(int) - want.astype(int)).max() <= 1
+        # golden vectors of this family's engine reproduce (runtime.golden: what a host in another language checks)
+        from runtime.golden import check_golden, write_golden
+
+        write_golden(engine, tmp_path / f"{name}_golden", labels=[0, 1, 2], seed=7, nfe=nfe)
+        results = check_golden(tmp_path / f"{name}_golden")
+        assert all(r["ok"] for r in results.values()), results
