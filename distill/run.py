@@ -497,9 +497,9 @@ def report(out: Path, bundle: Path, result: dict) -> None:
     lines += [f"  pictures: {', '.join(map(str, pictures))}",
               f"  metrics: {out / 'metrics.json'} (training log {out / 'metrics.jsonl'})",
               "next:"]
-    if manifest["family"] == "pixel":
+    if "latent_shape" not in manifest["image"]:
         lines.append(f"  python -m distill.sample --model {bundle} --n 100 --out {out / 'more.npz'}")
-    lines.append(f"  python -m export.trt --student {bundle} --nfe {max(int(k) for k in manifest['nfe'])}")
+    lines.append(f"  python -m export.trt --bundle {bundle} --nfe {max(int(k) for k in manifest['nfe'])}")
     print("\n".join(lines))
 
 

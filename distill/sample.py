@@ -144,7 +144,7 @@ def _run_student_sampling(args) -> tuple[np.ndarray, np.ndarray | None, object, 
     from .bundle import load_bundle
 
     bundle = load_bundle(args.model)
-    if bundle.manifest["family"] != "pixel":
+    if "latent_shape" in bundle.manifest["image"]:
         raise UserError(f"{args.model} is a {bundle.manifest['family']} student; sampling it from the command line "
                         "needs its teacher's text encoders and VAE: use the runtime (see README)")
     if args.sampler is not None:

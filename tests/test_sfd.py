@@ -176,7 +176,7 @@ def test_run_cli_sfd_end_to_end(teacher_dir, tmp_path, capsys):
     assert config["method"] == "sfd" and config["sfd"]["nfe"] == 3
     assert load_bundle(out / "student").nfes == [3]
     assert (out / "losses.png").exists() and (out / "samples.png").exists()
-    assert "export.trt --student" in stdout and "--nfe 3" in stdout
+    assert "export.trt --bundle" in stdout and "--nfe 3" in stdout
 
 
 # ---- SFD-v: one student for several NFEs ----------------------------------------------------------------------
