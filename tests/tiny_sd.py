@@ -1,4 +1,4 @@
-"""Tiny random SD 1.5 / SDXL diffusers folders, built from configs in about a second on CPU.
+"""Tiny random SD 1.5 / SDXL / SD3 diffusers folders, built from configs in about a second on CPU.
 
 The layout is the real one (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/,
 and for SDXL text_encoder_2/ + tokenizer_2/), so the latent adapter is tested on what users have
@@ -103,4 +103,54 @@ def make_tiny_sd_dir(path: Path, xl: bool = False) -> Path:
                           tokenizer_2=["transformers", "CLIPTokenizer"])
     pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
     (path / "model_index.json").write_text(json.dumps({"_class_name": pipeline, **components}, indent=2))
+    return path
+
+
+def write_tiny_t5(folder: Path, d_model: int) -> None:
+    """A T5EncoderModel (SD3's third text encoder) over the tiny byte vocabulary."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=VOCAB_SIZE, d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
+                      relative_attention_num_buckets=8, pad_token_id=EOS_ID, eos_token_id=EOS_ID)
+    T5EncoderModel(config).save_pretrained(folder)
+
+
+T5_TOKENS = 16  # max_sequence_length of the tiny SD3 (the pipeline's default is 256)
+
+
+def make_tiny_sd3_dir(path: Path, shift: float = 3.0) -> Path:
+    """A complete random SD3 diffusers folder: SD3Transformer2DModel, a VAE with shift_factor, two CLIP text encoders
+    with projection, a T5 encoder, tokenizers (the byte-level one for all three: a T5 sentencepiece model cannot be
+    written offline; fewstep loads each with AutoTokenizer, as it does T5TokenizerFast in real SD3 folders) and a
+    FlowMatchEulerDiscreteScheduler with `shift`."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    clip_1, clip_2, t5 = 8, 16, 32  # hidden widths; joint_attention_dim 32 >= 8 + 16 (CLIPs are zero-padded)
+    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=t5,
+                          caption_projection_dim=16, pooled_projection_dim=clip_1 + clip_2,
+                          pos_embed_max_size=8).save_pretrained(path / "transformer", safe_serialization=True)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  norm_num_groups=4, sample_size=IMAGE_SIZE, scaling_factor=1.5305,
+                  shift_factor=0.0609).save_pretrained(path / "vae", safe_serialization=True)
+    write_tiny_text_encoder(path / "text_encoder", clip_1, projection_dim=clip_1)
+    write_tiny_text_encoder(path / "text_encoder_2", clip_2, projection_dim=clip_2)
+    write_tiny_t5(path / "text_encoder_3", t5)
+    for suffix in ("", "_2", "_3"):
+        write_tiny_tokenizer(path / f"tokenizer{suffix}")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift).save_pretrained(path / "scheduler")
+    (path / "fewstep_teacher.json").write_text(json.dumps({"max_sequence_length": T5_TOKENS}))
+    components = {"transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+                  "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+                  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                  "text_encoder_3": ["transformers", "T5EncoderModel"],
+                  "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                  "tokenizer_3": ["transformers", "CLIPTokenizer"],
+                  "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline", **components},
+                                                      indent=2))
     return path

@@ -13,7 +13,8 @@ __all__ = ["Teacher", "ClassLabelTeacher", "load_teacher"]
 
 def load_teacher(path: str | Path) -> Teacher:
     """Load a teacher from a local folder: a diffusers pixel pipeline (UNet2DModel), a latent
-    text-to-image pipeline (SD 1.5 / SDXL layout), or a factory spec (fewstep_factory.json)."""
+    text-to-image pipeline (SD 1.5 / SDXL layout, or SD3's flow-matching transformer), or a factory spec
+    (fewstep_factory.json)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"teacher path {path} does not exist")
@@ -23,6 +24,15 @@ def load_teacher(path: str | Path) -> Teacher:
         raise UserError(f"{path} is a file; give the teacher's folder (diffusers layout or {SPEC_NAME})")
     if (path / SPEC_NAME).exists():
         return load_factory_teacher(path)
+    transformer_config = path / "transformer" / "config.json"
+    if transformer_config.exists():
+        cls = read_json(transformer_config).get("_class_name")
+        if cls == "SD3Transformer2DModel":
+            from .sd3 import load_sd3_teacher
+
+            return load_sd3_teacher(path)
+        raise UserError(f"{transformer_config} describes a {cls}; fewstep supports SD3Transformer2DModel among "
+                        f"diffusers transformers (other networks load through a {SPEC_NAME})")
     unet_config = path / "unet" / "config.json"
     if unet_config.exists():
         cls = read_json(unet_config).get("_class_name")

@@ -103,8 +103,10 @@ def backbone_classes() -> dict:
     from .factory import FactoryBackbone
     from .latent import SDUNetBackbone, SDXLUNetBackbone
     from .pixel import PixelUNetBackbone
+    from .sd3 import SD3TransformerBackbone
 
-    return {c.__name__: c for c in (PixelUNetBackbone, SDUNetBackbone, SDXLUNetBackbone, FactoryBackbone)}
+    return {c.__name__: c for c in (PixelUNetBackbone, SDUNetBackbone, SDXLUNetBackbone, SD3TransformerBackbone,
+                                    FactoryBackbone)}
 
 
 def load_backbone(folder: Path, entry: dict) -> Backbone:

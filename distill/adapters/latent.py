@@ -3,7 +3,8 @@
 The denoiser works on VAE latents already multiplied by the VAE's scaling factor (what the UNet was
 trained on); `decode` / `encode` convert between those latents and images in [-1, 1]. The SD 1.5 and
 SDXL differences (one or two text encoders, SDXL's pooled embedding and size ids) live in the backbone
-and prompt-encoder pairs below; the teacher itself has no SDXL branches.
+and prompt encoders below (prompts.py states the rule that puts text encoders together); SD3's flow-matching
+transformer is the same teacher with another backbone, prompt encoder and denoiser (sd3.py).
 """
 
 from pathlib import Path
@@ -16,8 +17,9 @@ from ..errors import UserError
 from ..schedule import VPSchedule
 from .backbone import DiffusersBackbone
 from .base import Teacher
-from .loading import find_weights, load_diffusers_model, load_strict, read_json, read_weights
+from .loading import load_diffusers_model, read_json
 from .pixel import LORA_TARGETS
+from .prompts import PromptEncoder, TextPart, clip_max_length, load_text_encoder, load_tokenizer
 
 DEFAULT_GUIDANCE_SCALE = 7.5  # the diffusers SD / SDXL pipelines' default
 
@@ -26,6 +28,7 @@ class SDUNetBackbone(DiffusersBackbone):
     """SD 1.5 UNet2DConditionModel as `net(x, t, encoder_hidden_states) -> tensor` (flat tensors, ONNX-ready)."""
 
     lora_targets = LORA_TARGETS
+    cond_names = ("encoder_hidden_states",)  # the condition inputs, in the exported graph's order
 
     def __init__(self, unet):
         super().__init__()
@@ -43,55 +46,36 @@ class SDUNetBackbone(DiffusersBackbone):
 class SDXLUNetBackbone(SDUNetBackbone):
     """SDXL UNet2DConditionModel as `net(x, t, encoder_hidden_states, text_embeds, time_ids) -> tensor`."""
 
+    cond_names = ("encoder_hidden_states", "text_embeds", "time_ids")
+
     def forward(self, x, t, encoder_hidden_states, text_embeds, time_ids):
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added).sample
 
 
-def _token_ids(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    """Prompts -> (N, L) ids padded / truncated to the text encoder's context (77 for CLIP)."""
-    length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
-    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-    return ids.input_ids.to(device)
-
-
-class SDPromptEncoder:
+def sd_prompt_encoder(folder: Path) -> PromptEncoder:
     """SD 1.5: the CLIP text encoder's last hidden state (after its final layer norm)."""
+    from transformers import CLIPTextModel
 
-    def __init__(self, tokenizer, text_encoder):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.modules = [text_encoder]
-        self.context_dim = text_encoder.config.hidden_size
-
-    def __call__(self, prompts: list[str]) -> dict:
-        device = self.text_encoder.device
-        out = self.text_encoder(_token_ids(self.tokenizer, self.text_encoder, prompts, device))
-        return {"encoder_hidden_states": out.last_hidden_state}  # (N, L, D)
+    tokenizer, encoder = load_tokenizer(folder / "tokenizer"), load_text_encoder(CLIPTextModel, folder / "text_encoder")
+    part = TextPart("text_encoder", "tokenizer", tokenizer, encoder, "last", False, clip_max_length(tokenizer, encoder))
+    return PromptEncoder([part], groups=[[0]])
 
 
-class SDXLPromptEncoder:
-    """SDXL: both encoders' penultimate hidden states side by side, the second's pooled projection,
-    and the size / crop ids (as StableDiffusionXLPipeline.encode_prompt and _get_add_time_ids do)."""
+def sdxl_prompt_encoder(folder: Path, image_size: tuple[int, int]) -> PromptEncoder:
+    """SDXL: both encoders' penultimate hidden states side by side, the second's pooled projection as text_embeds,
+    and the size / crop ids as time_ids (StableDiffusionXLPipeline.encode_prompt and _get_add_time_ids)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    def __init__(self, tokenizers, text_encoders, image_size: tuple[int, int]):
-        self.tokenizers = tokenizers
-        self.text_encoders = text_encoders
-        self.modules = list(text_encoders)
-        self.context_dim = sum(e.config.hidden_size for e in text_encoders)
-        self.projection_dim = text_encoders[-1].config.projection_dim
-        # (original_h, original_w, crop_top, crop_left, target_h, target_w): an uncropped image at the output size
-        self.size_ids = (*image_size, 0, 0, *image_size)
-
-    def __call__(self, prompts: list[str]) -> dict:
-        hidden = []
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            out = encoder(_token_ids(tokenizer, encoder, prompts, encoder.device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])  # (N, L, D_i), before the last layer and final norm
-        time_ids = torch.tensor([self.size_ids] * len(prompts), dtype=torch.float32, device=out.text_embeds.device)
-        return {"encoder_hidden_states": torch.cat(hidden, dim=-1),  # (N, L, D_1 + D_2)
-                "text_embeds": out.text_embeds,  # (N, projection_dim): text_encoder_2's pooled projection
-                "time_ids": time_ids}  # (N, 6)
+    parts = []
+    for suffix, cls, pooled in (("", CLIPTextModel, False), ("_2", CLIPTextModelWithProjection, True)):
+        tokenizer = load_tokenizer(folder / f"tokenizer{suffix}")
+        encoder = load_text_encoder(cls, folder / f"text_encoder{suffix}")
+        parts.append(TextPart(f"text_encoder{suffix}", f"tokenizer{suffix}", tokenizer, encoder, "penultimate",
+                              pooled, clip_max_length(tokenizer, encoder)))
+    # (original_h, original_w, crop_top, crop_left, target_h, target_w): an uncropped image at the output size
+    size_ids = [float(v) for v in (*image_size, 0, 0, *image_size)]
+    return PromptEncoder(parts, groups=[[0, 1]], pooled_name="text_embeds", constants={"time_ids": size_ids})
 
 
 class LatentTeacher(Teacher):
@@ -138,8 +122,9 @@ class LatentTeacher(Teacher):
         return "text"
 
     def conditioning_entry(self) -> dict:
-        return {"kind": "text", "teacher": self.source, "sdxl": isinstance(self.denoiser.net, SDXLUNetBackbone),
-                "encoder": type(self.prompt_encoder).__name__}
+        net = self.denoiser.net
+        return {"kind": "text", "teacher": self.source, "sdxl": isinstance(net, SDXLUNetBackbone),
+                "backbone": type(net).__name__, "inputs": list(net.cond_names)}
 
     def cond(self, labels=None, prompts=None) -> dict:
         if labels is not None:
@@ -205,54 +190,11 @@ def _image_size(size, sample_size, factor: int, source: str) -> tuple[int, int]:
     return size
 
 
-def load_text_encoder(cls, folder: Path):
-    """A transformers CLIP text encoder built from folder/config.json, weights loaded strictly."""
-    from transformers import CLIPTextConfig
-
-    if not (folder / "config.json").exists():
-        raise UserError(f"{folder} has no config.json: not a transformers model folder")
-    try:
-        model = cls(CLIPTextConfig.from_pretrained(folder, local_files_only=True))
-    except Exception as e:
-        raise UserError(f"{folder}/config.json does not describe a {cls.__name__} ({type(e).__name__}: {e})") from None
-    load_strict(model, _align_clip_keys(model, read_weights(find_weights(folder))), f"{cls.__name__} from {folder}")
-    return model.float().eval()
-
-
-def _align_clip_keys(model: nn.Module, state: dict) -> dict:
-    """Two known differences between transformers versions, and nothing else (the load stays strict):
-    real SD / SDXL folders say "text_model.embeddings..." where transformers 5's flattened CLIPTextModel
-    says "embeddings..." (its own loader strips the prefix too), and transformers < 4.31 saved the
-    position_ids buffer, a fixed arange the model now rebuilds itself."""
-    own = set(model.state_dict())
-    rebuilt = {f"{name}.{b}" if name else b for name, m in model.named_modules() for b in m._non_persistent_buffers_set}
-    prefix = "text_model."
-
-    def rename(k):
-        for candidate in (k, prefix + k, k.removeprefix(prefix)):
-            if candidate in own or candidate in rebuilt:
-                return candidate
-        return k  # left for load_strict to name
-
-    state = {rename(k): v for k, v in state.items()}
-    return {k: v for k, v in state.items() if k not in rebuilt}
-
-
-def load_tokenizer(folder: Path):
-    from transformers import CLIPTokenizer
-
-    try:
-        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:
-        raise UserError(f"cannot load a CLIPTokenizer from {folder} ({type(e).__name__}: {e})") from None
-
-
 def load_latent_teacher(path: Path) -> LatentTeacher:
     """An SD 1.5 / SDXL pipeline folder: unet/, vae/, text_encoder/ + tokenizer/ (SDXL: text_encoder_2/ +
     tokenizer_2/), scheduler/ (+ model_index.json, fewstep_teacher.json). SDXL is told by the UNet's
     "text_time" added embedding or by text_encoder_2/ being there."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     path = Path(path)
     if not path.is_dir():
@@ -273,7 +215,8 @@ def load_latent_teacher(path: Path) -> LatentTeacher:
         raise UserError(f"{path} has no scheduler/scheduler_config.json: the noise schedule is needed")
     scheduler_config = read_json(scheduler_file)
     if "FlowMatch" in scheduler_config.get("_class_name", ""):
-        raise UserError(f"{path}: flow-matching teachers ({scheduler_config['_class_name']}) are not supported")
+        raise UserError(f"{path}: a UNet with a flow-matching scheduler ({scheduler_config['_class_name']}) is not "
+                        "supported; flow-matching teachers load as SD3 transformers (transformer/) or factory networks")
 
     meta = read_json(path / "fewstep_teacher.json") if (path / "fewstep_teacher.json").exists() else {}
     index = read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
@@ -283,10 +226,7 @@ def load_latent_teacher(path: Path) -> LatentTeacher:
     vae = load_diffusers_model(AutoencoderKL, path / "vae")
     image_size = _image_size(meta.get("image_size"), unet.config.sample_size, _vae_scale_factor(vae), str(path))
     if xl:
-        encoders = [load_text_encoder(CLIPTextModel, path / "text_encoder"),
-                    load_text_encoder(CLIPTextModelWithProjection, path / "text_encoder_2")]
-        prompt_encoder = SDXLPromptEncoder([load_tokenizer(path / "tokenizer"), load_tokenizer(path / "tokenizer_2")],
-                                           encoders, image_size)
+        prompt_encoder = sdxl_prompt_encoder(path, image_size)
         expected = 6 * unet.config.addition_time_embed_dim + prompt_encoder.projection_dim
         takes = unet.config.projection_class_embeddings_input_dim
         if takes != expected:
@@ -295,7 +235,6 @@ def load_latent_teacher(path: Path) -> LatentTeacher:
                             "(an SDXL refiner or another variant is not supported)")
         backbone = SDXLUNetBackbone(unet)
     else:
-        prompt_encoder = SDPromptEncoder(load_tokenizer(path / "tokenizer"),
-                                         load_text_encoder(CLIPTextModel, path / "text_encoder"))
+        prompt_encoder = sd_prompt_encoder(path)
         backbone = SDUNetBackbone(unet)
     return LatentTeacher(backbone, vae, prompt_encoder, scheduler_config, image_size, meta, source=str(path))
