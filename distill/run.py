@@ -22,6 +22,7 @@ from .errors import UserError, cli_main
 from .sfd import SFD_NFES, SFDConfig, train_sfd, train_sfd_one_step
 
 SD_4STEP = (999, 749, 499, 249)  # DMD2's SD 1.5 / SDXL student timesteps (scaled-linear betas)
+FLOW_4STEP = (1.0, 0.75, 0.5, 0.25)  # the same four points in flow time; the teacher's scheduler shift warps them
 # The same noise-to-signal ratios on the digits teacher: its linear betas are far noisier at equal t (sigma 16.9 at
 # t=749, against data of std 0.64), so the reference's list would spend two of four steps on pure noise. These are
 # the t whose sigma / data std equals SD's sigma / latent std (~1) at 749, 499, 249; the first step stays at 999.
@@ -94,7 +95,20 @@ PRESETS: dict[str, Preset] = {
                    DMD2Config(lr_generator=5e-5, lr_fake=5e-7, lora_rank=64, guidance_scale=8.0, batch_size=2,
                               steps=20000, gan_g_weight=5e-3, gan_d_weight=1e-2, student_timesteps=SD_4STEP),
                    teacher="required", data="folder", eval_samples=0),
+    # Not a reference recipe (the DMD2 paper has no SD3 run): SDXL's LoRA settings on a model of similar size, and
+    # four student steps in flow time, shifted by the teacher's own scheduler shift (DMD2's SD3 issue: unshifted
+    # few-step times gave artifacts). Real-score CFG: the teacher's default (7.0) unless --set guidance_scale.
+    "sd3": Preset("SD3 layout (flow-matching transformer) -> 4-step LoRA student (--teacher, --data: captioned "
+                  "images); SDXL's LoRA settings, flow times 1.0/0.75/0.5/0.25 shifted by the scheduler",
+                  DMD2Config(lr_generator=5e-5, lr_fake=5e-7, lora_rank=64, batch_size=2, steps=20000,
+                             gan_g_weight=5e-3, gan_d_weight=1e-2, student_timesteps=FLOW_4STEP),
+                  teacher="required", data="folder", eval_samples=0),
+    "text-sfd": Preset("any text-to-image teacher (SD 1.5 / SDXL / SD3 layout) -> SFD Euler student (--teacher, "
+                       "--prompts FILE, --nfe 2..5; no images needed)",
+                       SFDConfig(lr=1e-5, batch_size=8), teacher="required", data=None, eval_samples=0),
 }
+# The text-to-image presets and the backbone each is written for
+TEXT_PRESETS = {"sd15": "SDUNetBackbone", "sdxl": "SDXLUNetBackbone", "sd3": "SD3TransformerBackbone"}
 DEFAULT_PRESET = "digits-1step"
 DEFAULT_PRESETS = {"dmd2": "digits-1step", "sfd": "digits-sfd"}  # --method without --preset
 
@@ -139,6 +153,10 @@ def resolve(args) -> tuple[Preset, DMD2Config | SFDConfig, Path | None]:
             raise UserError(f"--nfe {args.nfe}: SFD trains students for NFE {', '.join(map(str, SFD_NFES))}, and 1 "
                             "through its second stage (--nfe 1 --source SFD_STUDENT)")
         overrides["nfe"] = args.nfe
+    if args.prompts is not None:
+        if preset.method != "sfd":
+            raise UserError("--prompts is for SFD; DMD2 takes its prompts from the captions of --data")
+        overrides["prompts"] = str(args.prompts)
     if args.source is not None:
         if preset.method != "sfd":
             raise UserError("--source is for SFD's second stage: --method sfd --nfe 1 --source DIR")
@@ -213,10 +231,12 @@ def check_conditioning(preset_name: str, preset: Preset, teacher) -> None:
         raise UserError(f"preset {preset_name} trains a class-conditional student, but {teacher.source} has no "
                         "class labels (its UNet has no class embedding); use --preset pixel for unconditional "
                         "teachers")
-    if preset_name == "sdxl" and getattr(teacher, "family", "") == "latent":
-        unet = teacher.denoiser.net.network
-        if unet.config.get("addition_embed_type") != "text_time":
-            raise UserError(f"{teacher.source} is an SD 1.5-layout teacher; use --preset sd15")
+    backbone = type(teacher.denoiser.net).__name__
+    if preset_name in TEXT_PRESETS and backbone != TEXT_PRESETS[preset_name]:
+        fits = [name for name, b in TEXT_PRESETS.items() if b == backbone]
+        hint = f"use --preset {fits[0]}" if fits else "use a preset written for it (python -m distill.run --help)"
+        raise UserError(f"preset {preset_name} is written for a {TEXT_PRESETS[preset_name]} teacher; "
+                        f"{teacher.source} has a {backbone}: {hint}")
 
 
 # ---- after training: evaluation and pictures --------------------------------------------------------------
@@ -382,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", type=Path, help="SFD --nfe 1: the SFD / SFD-v student bundle to distil into one step")
     p.add_argument("--teacher", type=Path, help="teacher folder (default: the committed digits teacher)")
     p.add_argument("--data", type=Path, help="real images for the GAN loss (class folders, or captioned images)")
+    p.add_argument("--prompts", type=Path, help="SFD on a text-to-image teacher: the prompts of its trajectories, "
+                   "one per line")
     p.add_argument("--out", type=Path, help="output folder (default runs/<preset>)")
     p.add_argument("--steps", type=int, help="training steps (fake-score updates)")
     p.add_argument("--batch-size", type=int, help="per-process batch size")

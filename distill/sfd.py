@@ -49,6 +49,7 @@ class SFDConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 10.0
     guidance_scale: float | None = None  # the teacher's CFG for its trajectories; None = its default
+    prompts: str | None = None  # text-to-image teachers: a file of prompts, one per line (each sample draws one)
     mixed_precision: str | None = None  # None = bf16 on CUDA, fp32 on CPU
     seed: int = 0
     checkpoint_every: int = 50
@@ -146,15 +147,36 @@ def check_setup(cfg: SFDConfig, teacher) -> None:
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.teacher_steps < 1:
         raise UserError("steps, batch_size and teacher_steps must be positive")
     if teacher.conditioning == "text":
-        raise UserError("SFD for text-to-image teachers needs prompts, which this version does not take yet; "
-                        "use a class-conditional or unconditional teacher, or DMD2 (--preset sd15 / sdxl)")
+        read_prompts(cfg.prompts)
+    elif cfg.prompts:
+        raise UserError(f"prompts are for text-to-image teachers; this one is conditioned on {teacher.conditioning}")
 
 
-def draw_condition(teacher, n: int, gen: torch.Generator, device) -> tuple[dict, dict | None]:
-    """A random condition for the student and the teacher's null condition (for CFG), or ({}, None)."""
+def read_prompts(path: str | None) -> list[str]:
+    """The prompts of a text teacher's trajectories: one per non-empty line of `path`."""
+    if not path:
+        raise UserError("SFD on a text-to-image teacher draws its trajectories' prompts from a file: give --prompts "
+                        "FILE (one prompt per line)")
+    try:
+        prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise UserError(f"cannot read the prompts file {path}: {e.strerror}") from None
+    if not prompts:
+        raise UserError(f"the prompts file {path} has no prompt (one per line)")
+    return prompts
+
+
+def draw_condition(teacher, n: int, gen: torch.Generator, prompts: list[str] | None = None
+                   ) -> tuple[dict, dict | None]:
+    """A random condition for the student and the teacher's null condition (for CFG), or ({}, None): class labels,
+    or (text teachers) prompts drawn from `prompts`."""
     if teacher.conditioning == "class":
-        labels = torch.randint(0, teacher.num_classes, (n,), generator=gen).to(device)
+        labels = torch.randint(0, teacher.num_classes, (n,), generator=gen)
         return teacher.cond(labels=labels), teacher.uncond(n)
+    if teacher.conditioning == "text":
+        chosen = [prompts[i] for i in torch.randint(0, len(prompts), (n,), generator=gen).tolist()]
+        with torch.no_grad():
+            return teacher.cond(prompts=chosen), teacher.uncond(n)
     return teacher.cond(), None
 
 
@@ -188,6 +210,7 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
     params = list(student.parameters())
+    prompts = read_prompts(cfg.prompts) if teacher.conditioning == "text" else None
 
     def get_state() -> dict:
         return {"student": student.net.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
@@ -205,7 +228,7 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
             g["lr"] = lr
         # The global batch from one stream; every process keeps its slice (see dmd2.draw_batch).
         noise = torch.randn((cfg.batch_size * world, *teacher.x_shape), generator=gen)[mine].to(device)
-        cond, uncond = draw_condition(teacher, cfg.batch_size * world, gen, device)
+        cond, uncond = draw_condition(teacher, cfg.batch_size * world, gen, prompts)
         cond = {k: v[mine] for k, v in cond.items()}
         uncond = None if uncond is None else {k: v[mine] for k, v in uncond.items()}
         nfe = nfes[int(torch.randint(0, len(nfes), (), generator=gen))] if variable else cfg.nfe

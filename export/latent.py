@@ -23,7 +23,6 @@ Three small wrappers traced with the same exporter as the UNet give exactly the 
 
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,43 +77,16 @@ class VAEDecoderGraph(nn.Module):
         return self.decode(latents)
 
 
-@dataclass
-class TextPart:
-    """One text encoder of the teacher and where its output goes in the UNet's condition."""
-
-    name: str  # text_encoder / text_encoder_2: the teacher's folder, the engine file's stem
-    tokenizer_dir: str  # tokenizer / tokenizer_2
-    tokenizer: object
-    graph: TextEncoderGraph
-    hidden: slice  # its columns of encoder_hidden_states
-    layer: str  # which hidden state, in words
-
-
-def text_parts(teacher) -> list[TextPart]:
-    """The teacher's text encoders as the adapter's prompt encoder uses them (SDPromptEncoder / SDXLPromptEncoder)."""
-    from distill.adapters.latent import SDXLPromptEncoder
-
-    encoder = teacher.prompt_encoder
-    if not isinstance(encoder, SDXLPromptEncoder):
-        return [TextPart("text_encoder", "tokenizer", encoder.tokenizer,
-                         TextEncoderGraph(encoder.text_encoder, penultimate=False, pooled=False).eval(),
-                         slice(0, encoder.context_dim), "last (after the final layer norm)")]
-    parts, start = [], 0
-    for i, (tokenizer, text_encoder) in enumerate(zip(encoder.tokenizers, encoder.text_encoders)):
-        suffix = f"_{i + 1}" if i else ""
-        width = text_encoder.config.hidden_size
-        last = i == len(encoder.text_encoders) - 1  # the second encoder's pooled projection is text_embeds
-        parts.append(TextPart(f"text_encoder{suffix}", f"tokenizer{suffix}", tokenizer,
-                              TextEncoderGraph(text_encoder, penultimate=True, pooled=last).eval(),
-                              slice(start, start + width), "penultimate (before the last layer and final norm)"))
-        start += width
-    return parts
+def text_graphs(teacher) -> list[tuple]:
+    """(part, its graph) for each text encoder of the teacher's prompt encoder (distill/adapters/prompts.py)."""
+    return [(part, TextEncoderGraph(part.encoder, penultimate=part.layer == "penultimate", pooled=part.pooled).eval())
+            for part in teacher.prompt_encoder.parts]
 
 
 def load_teacher_parts(bundle, teacher_dir: str | Path | None = None):
     """The latent teacher whose text encoders, VAE and tokenizers the engine ships (default: the one the bundle
-    names), checked against the student; its own UNet is released (the export does not need it)."""
-    from distill.adapters.latent import load_latent_teacher
+    names), checked against the student; its own denoiser is released (the export does not need it)."""
+    from distill.adapters import load_teacher
     from distill.bundle import MANIFEST_NAME
 
     m = bundle.manifest
@@ -123,15 +95,21 @@ def load_teacher_parts(bundle, teacher_dir: str | Path | None = None):
         raise UserError(f"{bundle.source}: its teacher folder {path} (conditioning.teacher in {MANIFEST_NAME}) is not "
                         "there; the engine needs that teacher's text encoders, tokenizers and VAE: pass --teacher "
                         "with the folder's current location")
-    teacher = load_latent_teacher(Path(path))
-    teacher.denoiser = None  # the teacher's UNet: released before the export's memory peak (10 GB for SDXL)
-    student = bundle.denoiser.net.unet.config
-    xl = m["conditioning"].get("sdxl", False)
-    if (tuple(teacher.x_shape) != tuple(bundle.x_shape) or teacher.prompt_encoder.context_dim !=
-            student.cross_attention_dim or (len(teacher.prompt_encoder.modules) == 2) != xl):
-        raise UserError(f"{path} does not fit the student {bundle.source}: latents {tuple(teacher.x_shape)} vs "
-                        f"{tuple(bundle.x_shape)}, text width {teacher.prompt_encoder.context_dim} vs "
-                        f"{student.cross_attention_dim}, {'SDXL' if xl else 'SD 1.5'} student; pass its own teacher")
+    teacher = load_teacher(Path(path))
+    if teacher.conditioning != "text":
+        raise UserError(f"{path} is not a text-to-image teacher; pass the student's own teacher with --teacher")
+    backbone = type(teacher.denoiser.net)
+    teacher.denoiser = None  # the teacher's network: released before the export's memory peak (10 GB for SDXL)
+    student = bundle.denoiser.net
+    student = getattr(student, "backbone", student)  # SFD-v: the backbone inside its step-count conditioning
+    if type(student) is not backbone or tuple(teacher.x_shape) != tuple(bundle.x_shape):
+        raise UserError(f"{path} does not fit the student {bundle.source}: a {backbone.__name__} teacher with latents "
+                        f"{tuple(teacher.x_shape)}, a {type(student).__name__} student with {tuple(bundle.x_shape)}; "
+                        "pass its own teacher")
+    try:
+        student.check_context(teacher.prompt_encoder, str(path))
+    except UserError as e:
+        raise UserError(f"{e}; pass the student's own teacher with --teacher") from None
     return teacher
 
 
@@ -148,17 +126,6 @@ def loop_condition(teacher, batch: int) -> dict:
         return teacher.cond(prompts=[PARITY_PROMPTS[i % len(PARITY_PROMPTS)] for i in range(batch)])
 
 
-def token_ids(part: TextPart, prompts: list[str]) -> np.ndarray:
-    """(N, L) int64 ids, tokenized as the adapter does (padded / truncated to the encoder's context)."""
-    from distill.adapters.latent import _token_ids
-
-    return _token_ids(part.tokenizer, part.graph.encoder, prompts, "cpu").numpy().astype(np.int64)
-
-
-def max_length(part: TextPart) -> int:
-    return int(token_ids(part, [""]).shape[1])
-
-
 def export_parts(teacher, x0: torch.Tensor, out: Path) -> tuple[dict, dict]:
     """Export the text encoder(s) and the VAE decoder into `out` in fp32, each checked against the adapter's own
     tensors, and copy the tokenizers. Returns (files entries, manifest sections)."""
@@ -167,27 +134,23 @@ def export_parts(teacher, x0: torch.Tensor, out: Path) -> tuple[dict, dict]:
     files, encoders = {}, []
     # the whole prompt set (batch 4) and one prompt (batch 1): the batch axis is dynamic
     prompt_sets = [PARITY_PROMPTS, PARITY_PROMPTS[1:2]]
-    with torch.no_grad():
-        conds = [teacher.cond(prompts=prompts) for prompts in prompt_sets]
-    for part in text_parts(teacher):
+    for part, graph in text_graphs(teacher):
         t0 = time.perf_counter()
-        feeds = [{"input_ids": token_ids(part, prompts)} for prompts in prompt_sets]
-        wants = [[c["encoder_hidden_states"][..., part.hidden].numpy(), *([c["text_embeds"].numpy()]
-                  if "text_embeds" in part.graph.output_names else [])] for c in conds]
-        path = out / f"{part.name}_fp32.onnx"
-        export_graph(part.graph, feeds[0], path)
-        # CLIP's hidden states are not unit-scale (residual streams reach tens to hundreds): the fp32 bound is
-        # relative to their largest magnitude
-        files[f"{part.name}_fp32"] = checked_file(path, feeds, wants, "fp32", part.name, time.perf_counter() - t0,
-                                                  scaled=True)
+        feeds = [{"input_ids": part.token_ids(prompts).numpy().astype(np.int64)} for prompts in prompt_sets]
+        with torch.no_grad():  # the adapter's own tensors for this encoder
+            wants = [[t.numpy() for t in part.run(torch.from_numpy(f["input_ids"])) if t is not None] for f in feeds]
+        path = out / f"{part.folder}_fp32.onnx"
+        export_graph(graph, feeds[0], path)
+        # text encoders' hidden states are not unit-scale (residual streams reach tens to hundreds): the fp32 bound
+        # is relative to their largest magnitude
+        files[f"{part.folder}_fp32"] = checked_file(path, feeds, wants, "fp32", part.folder, time.perf_counter() - t0,
+                                                    scaled=True)
         shutil.copytree(Path(teacher.source) / part.tokenizer_dir, out / part.tokenizer_dir)
-        encoders.append({"component": part.name, "files": {"fp32": f"{part.name}_fp32"},
-                         "tokenizer": part.tokenizer_dir, "max_length": max_length(part), "padding": "max_length",
+        encoders.append({"component": part.folder, "files": {"fp32": f"{part.folder}_fp32"},
+                         "tokenizer": part.tokenizer_dir, "max_length": part.max_length, "padding": "max_length",
                          "truncation": True, "hidden_states": part.layer,
-                         "encoder_hidden_states_columns": [part.hidden.start, part.hidden.stop],
-                         "inputs": io_specs(part.graph.input_names, feeds[0]),
-                         "outputs": io_specs(part.graph.output_names, dict(zip(part.graph.output_names, wants[0])))})
-
+                         "inputs": io_specs(graph.input_names, feeds[0]),
+                         "outputs": io_specs(graph.output_names, dict(zip(graph.output_names, wants[0])))})
     t0 = time.perf_counter()
     vae = VAEDecoderGraph(teacher).eval()
     feeds = [{"latents": x0.float().numpy()}]
@@ -198,12 +161,11 @@ def export_parts(teacher, x0: torch.Tensor, out: Path) -> tuple[dict, dict]:
     files["vae_decoder_fp32"] = checked_file(path, feeds, wants, "fp32", "vae_decoder", time.perf_counter() - t0,
                                                base=VAE_TOLERANCE)
 
-    text = {"encoders": encoders,
-            "encoder_hidden_states": "the encoders' hidden_states concatenated on the last axis, in this order",
+    text = {"encoders": encoders, **teacher.prompt_encoder.layout(),
+            "rule": "encoder_hidden_states: the encoders of each group side by side on the last axis (zero-padded on "
+                    "the right to width, if set), the groups one after another on the token axis; pooled: the "
+                    "listed encoders' text_embeds side by side, under its name; constants: one row per prompt",
             "prompts_checked": PARITY_PROMPTS}
-    if len(encoders) == 2:
-        text |= {"text_embeds": f"{encoders[-1]['component']}'s text_embeds (its pooled projection)",
-                 "time_ids": list(teacher.prompt_encoder.size_ids)}
     shift = teacher.latent_shift
     vae_section = {"files": {"fp32": "vae_decoder_fp32"},
                    "graph": "image = clamp(VAE.decode(latents / scale + shift), -1, 1): the student's final x0 in, "

@@ -64,8 +64,9 @@ EXTERNAL_DATA_BYTES = 1.5 * 2**30
 def condition_names(manifest: dict) -> list[str]:
     """The graph inputs after (x, sigma, timestep) that carry a student's conditioning, in order."""
     cond = manifest["conditioning"]
-    names = {"class": ["class_labels"],
-             "text": ["encoder_hidden_states", *(["text_embeds", "time_ids"] if cond.get("sdxl") else [])]}
+    # a text student's manifest names its backbone's condition inputs; older SD / SDXL bundles said only "sdxl"
+    text = cond.get("inputs") or ["encoder_hidden_states", *(["text_embeds", "time_ids"] if cond.get("sdxl") else [])]
+    names = {"class": ["class_labels"], "text": list(text)}
     return names.get(cond["kind"], []) + (["nfe"] if "nfe_condition" in manifest else [])
 
 

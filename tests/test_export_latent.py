@@ -118,10 +118,14 @@ def ort_text_to_image(engine: Path, prompts: list[str], noise: np.ndarray, fresh
                         return_tensors="np").input_ids.astype(np.int64)
         names = [o["name"] for o in e["outputs"]]
         outs.append(dict(zip(names, session(e["files"]["fp32"]).run(None, {"input_ids": ids}))))
-    cond = {"encoder_hidden_states": np.concatenate([o["hidden_states"] for o in outs], axis=-1)}
-    if "time_ids" in m["text"]:
-        cond |= {"text_embeds": outs[-1]["text_embeds"],
-                 "time_ids": np.tile(np.float32(m["text"]["time_ids"]), (len(prompts), 1))}
+    # the manifest's layout rule: groups side by side (none padded here), the pooled projection, constant rows
+    text = m["text"]
+    cond = {"encoder_hidden_states": np.concatenate([np.concatenate([outs[i]["hidden_states"] for i in g], axis=-1)
+                                                     for g in text["groups"]], axis=1)}
+    if text["pooled"]:
+        cond[text["pooled"]["name"]] = np.concatenate([outs[i]["text_embeds"] for i in text["pooled"]["from"]], -1)
+    for name, row in text["constants"].items():
+        cond[name] = np.tile(np.float32(row), (len(prompts), 1))
     unet, s = session("fp32"), m["schedule"]
     x = noise.astype(np.float64) * s["sigmas"][0]
     for i, (sigma, t) in enumerate(zip(s["sigmas"], s["timesteps"])):  # DMD2: x0, then fresh noise
