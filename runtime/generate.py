@@ -1,8 +1,9 @@
 """Sample a few-step engine from the command line, with no torch:
-`python -m runtime.generate --engine DIR --nfe K --n N --labels cycle --seed S --out samples.npz`.
+`python -m runtime.generate --engine DIR --nfe K --n N --labels cycle --seed S --out samples.npz`
+(text-to-image engines: `--prompt "a photo of a cat" [--prompt ...]`).
 
-Writes `images` (N, H, W, C) uint8 and `labels` (N,) int64 (-1 where unconditional), the layout of
-`python -m distill.sample`, plus a PNG grid next to it (`--png` to choose its path).
+Writes `images` (N, H, W, C) uint8 and `labels` (N,) int64 (-1 where unconditional; text engines: `prompts` (N,)),
+the layout of `python -m distill.sample`, plus a PNG grid next to it (`--png` to choose its path).
 """
 
 import argparse
@@ -54,6 +55,8 @@ def main(argv=None):
     p.add_argument("--nfe", type=int, help="network calls per image (default: the most the engine serves)")
     p.add_argument("--n", type=int, default=100, help="number of images")
     p.add_argument("--labels", default=None, help="'cycle' (default) or comma-separated class ids")
+    p.add_argument("--prompt", action="append", help="text-to-image engines: a prompt (repeat for several; the n "
+                   "images cycle through them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("samples.npz"))
     p.add_argument("--png", type=Path, help="grid picture (default: OUT with .png)")
@@ -65,11 +68,21 @@ def main(argv=None):
         raise UserError("--n must be at least 1")
     pipe = Pipeline.load(args.engine, args.backend, args.precision)
     print(pipe.describe())
-    labels = parse_labels(args.labels, args.n, pipe.num_classes)
-    out = pipe.generate(labels, n=args.n if labels is None else None, nfe=args.nfe, seed=args.seed,
+    if pipe.text is not None:
+        if not args.prompt or args.labels is not None:
+            raise UserError("this engine is text-to-image: give --prompt TEXT (repeat for several), not --labels")
+        conditions = [args.prompt[i % len(args.prompt)] for i in range(args.n)]
+    elif args.prompt:
+        raise UserError("--prompt is for text-to-image engines; this one takes "
+                        + ("--labels" if pipe.num_classes else "no condition"))
+    else:
+        conditions = parse_labels(args.labels, args.n, pipe.num_classes)
+    out = pipe.generate(conditions, n=args.n if conditions is None else None, nfe=args.nfe, seed=args.seed,
                         batch_size=args.batch_size)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out, images=out.images, labels=out.labels if out.labels is not None else np.full(args.n, -1))
+    fields = {"prompts": np.array(out.prompts)} if pipe.text is not None else {
+        "labels": out.labels if out.labels is not None else np.full(args.n, -1)}
+    np.savez(args.out, images=out.images, **fields)
     png = args.png or args.out.with_suffix(".png")
     save_grid(out.images, png)
     t = out.timings

@@ -244,3 +244,19 @@ def test_text_sfd_preset_end_to_end(folder, prompts_file, tmp_path, capsys):
     assert m["method"] == "sfd" and m["model_class"] == "SD3Transformer2DModel" and list(m["nfe"]) == ["2"]
     assert json.loads((out / "config.json").read_text())["sfd"]["prompts"] == str(prompts_file)
     assert dataclasses.asdict(PRESETS["text-sfd"].config)["prompts"] is None  # the preset holds no user file
+
+
+def test_runtime_generate_cli_takes_prompts(engines, tmp_path, capsys):
+    from runtime.generate import main as generate
+
+    _, engine = engines["dmd2"]
+    out = tmp_path / "cats.npz"
+    code, stdout, err = run_main(generate, ["--engine", str(engine), "--prompt", "a cat", "--prompt", "a dog",
+                                            "--n", "3", "--out", str(out)], capsys)
+    assert code == 0, err
+    saved = np.load(out)
+    assert saved["images"].shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3) and list(saved["prompts"]) == ["a cat", "a dog",
+                                                                                                "a cat"]
+    assert out.with_suffix(".png").exists()
+    code, _, err = run_main(generate, ["--engine", str(engine), "--labels", "1,2", "--out", str(out)], capsys)
+    assert code == 2 and "give --prompt TEXT" in err
