@@ -7,6 +7,7 @@ outputs become the network's condition is the manifest's layout rule (`text.grou
 `constants`), the same one distill/adapters/prompts.py applies in PyTorch.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +18,10 @@ from .errors import UserError
 
 class TextParts:
     def __init__(self, engine_dir: Path, manifest: dict, device: str = "cpu", threads: int | None = None):
-        try:
-            from transformers import AutoTokenizer
-        except ImportError:
-            raise UserError("text-to-image engines need the `transformers` package for their tokenizers: "
-                            "pip install transformers") from None
         files, text = manifest["files"], manifest["text"]
         self.encoders = []
         for spec in text["encoders"]:
-            tokenizer = AutoTokenizer.from_pretrained(engine_dir / spec["tokenizer"], local_files_only=True)
+            tokenizer = load_tokenizer(engine_dir / spec["tokenizer"])
             session = OnnxRuntimeBackend(engine_dir / files[spec["files"]["fp32"]]["path"], device, threads)
             self.encoders.append((tokenizer, session, spec["max_length"]))
         self.layout = text_layout(text)
@@ -53,6 +49,25 @@ class TextParts:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Images (N, 3, H, W) in [-1, 1] from the loop's final latents."""
         return self.vae.run({"latents": latents.astype(np.float32)})
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer class its tokenizer_config.json names (CLIPTokenizer, T5TokenizerFast, ...), taken from
+    `transformers` by name: its AutoTokenizer would import torch, the tokenizer classes themselves do not."""
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("text-to-image engines need the `transformers` package for their tokenizers: "
+                        "pip install transformers") from None
+    try:
+        name = json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{folder}/tokenizer_config.json is missing or names no tokenizer_class: the engine folder "
+                        "is incomplete; export it again") from None
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise UserError(f"{folder}: tokenizer class {name!r} is not in this transformers {transformers.__version__}")
+    return cls.from_pretrained(folder, local_files_only=True)
 
 
 def text_layout(text: dict) -> dict:

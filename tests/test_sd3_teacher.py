@@ -260,3 +260,17 @@ def test_runtime_generate_cli_takes_prompts(engines, tmp_path, capsys):
     assert out.with_suffix(".png").exists()
     code, _, err = run_main(generate, ["--engine", str(engine), "--labels", "1,2", "--out", str(out)], capsys)
     assert code == 2 and "give --prompt TEXT" in err
+
+
+def test_text_engines_run_without_torch(engines):
+    """The runtime samples a text engine (three tokenizers, encoders, VAE) and never imports torch."""
+    import subprocess
+    import sys
+
+    _, engine = engines["dmd2"]
+    code = ("import sys; from runtime import Pipeline; "
+            f"out = Pipeline.load({str(engine)!r}, 'onnxruntime-cpu').generate(['a cat'], seed=1); "
+            "print(out.images.shape, sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == f"(1, {IMAGE_SIZE}, {IMAGE_SIZE}, 3) []"
