@@ -223,3 +223,20 @@ def test_text_encoder_loads_strictly(folder, teacher, tmp_path):
     save_file(legacy, weights)
     with pytest.raises(UserError, match="CLIPTextModel.*missing 1 keys: .*final_layer_norm.weight"):
         load_latent_teacher(copy)
+
+
+def test_sfd_and_sfd_v_smoke_from_prompts(teacher, tmp_path):
+    """SFD needs no images: a text teacher's trajectories take their prompts from a file."""
+    from distill.bundle import load_bundle
+    from distill.sfd import SFDConfig, train_sfd
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na photo of a cat\n")
+    for name, cfg in {"sfd": SFDConfig(nfe=2, steps=1, batch_size=2, lr=1e-3, prompts=str(prompts)),
+                      "sfdv": SFDConfig(nfes=(2, 3), steps=1, batch_size=2, lr=1e-3, prompts=str(prompts))}.items():
+        bundle = load_bundle(train_sfd(cfg, teacher, tmp_path / name, progress=False))
+        base = teacher.denoiser.net.unet.state_dict()
+        assert any(not torch.equal(v, base[k]) for k, v in bundle.denoiser.net.network.state_dict().items())
+        for nfe in bundle.nfes:
+            x = bundle.generate(torch.randn(2, *teacher.x_shape), teacher.cond(prompts=["a cat", "a dog"]), nfe)
+            assert x.shape == (2, *teacher.x_shape) and torch.isfinite(x).all()
