@@ -80,7 +80,8 @@ def test_prompt_encoding_equals_the_diffusers_sd3_pipeline(teacher):
                                                   max_sequence_length=T5_TOKENS)
         cond = teacher.cond(prompts=PROMPTS)
     assert set(cond) == {"encoder_hidden_states", "pooled_projections"}
-    assert cond["encoder_hidden_states"].shape == (3, 77 + T5_TOKENS, 32) and cond["pooled_projections"].shape == (3, 24)
+    assert cond["encoder_hidden_states"].shape == (3, 77 + T5_TOKENS, 32)
+    assert cond["pooled_projections"].shape == (3, 24)
     torch.testing.assert_close(cond["encoder_hidden_states"], embeds, rtol=0, atol=0)
     torch.testing.assert_close(cond["pooled_projections"], pooled, rtol=0, atol=0)
     assert (embeds[0] - embeds[1]).abs().max() > 1e-3  # different prompts differ
