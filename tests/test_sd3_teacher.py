@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from distill.adapters import load_teacher
-from distill.adapters.sd3 import SD3TransformerBackbone
 from distill.bundle import load_bundle
 from distill.data import to_uint8
 from distill.dmd2 import DMD2Config, train_dmd2
 from distill.errors import UserError
 from distill.run import FLOW_4STEP, PRESETS, main
 from distill.sfd import SFDConfig, train_sfd
+from distill.teachers import load_teacher
+from distill.teachers.sd3 import SD3TransformerBackbone
 
 from .test_dmd2 import run_main
 from .tiny_sd import IMAGE_SIZE, T5_TOKENS, make_tiny_sd3_dir
@@ -80,7 +80,8 @@ def test_prompt_encoding_equals_the_diffusers_sd3_pipeline(teacher):
                                                   max_sequence_length=T5_TOKENS)
         cond = teacher.cond(prompts=PROMPTS)
     assert set(cond) == {"encoder_hidden_states", "pooled_projections"}
-    assert cond["encoder_hidden_states"].shape == (3, 77 + T5_TOKENS, 32) and cond["pooled_projections"].shape == (3, 24)
+    assert cond["encoder_hidden_states"].shape == (3, 77 + T5_TOKENS, 32)
+    assert cond["pooled_projections"].shape == (3, 24)
     torch.testing.assert_close(cond["encoder_hidden_states"], embeds, rtol=0, atol=0)
     torch.testing.assert_close(cond["pooled_projections"], pooled, rtol=0, atol=0)
     assert (embeds[0] - embeds[1]).abs().max() > 1e-3  # different prompts differ
@@ -137,7 +138,7 @@ def test_dmd2_smoke_bundle_and_from_pretrained(teacher, steps, tmp_path):
 
 
 def test_gan_tap_lays_the_middle_blocks_image_tokens_on_the_latent_grid(teacher):
-    from distill.gan_head import BottleneckTap
+    from distill.dmd2.fake_score import BottleneckTap
 
     net = teacher.denoiser.net
     tap = BottleneckTap(net)
