@@ -1,4 +1,4 @@
-# fewstep: `make quickstart` (set up + run the main job on the embedded default), `make test`.
+# fewstep: `make quickstart` (set up, then distil the embedded digits teacher into a 4-step student), `make test`.
 # Both create .venv on first use; nothing is downloaded at run time, only packages at set-up.
 
 PYTHON ?= python3
@@ -20,13 +20,14 @@ $(STAMP): pyproject.toml setup.py runtime/_native.c
 	@touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) -m distill.run --out runs/quickstart
+	$(PY) -m distill.run --preset digits-4step --out runs/quickstart
 	@echo
-	@echo "Outputs: runs/quickstart/student (the 1-step student bundle), samples.png (student beside teacher),"
-	@echo "         metrics.json (FD, class accuracy vs the teacher), losses.png, metrics.jsonl, config.json."
-	@echo "Next:    $(PY) -m distill.run --preset digits-4step --out runs/digits-4step   # a 4-step student"
-	@echo "         $(PY) -m distill.sample --model runs/quickstart/student --n 100 --out runs/student.npz"
-	@echo "         $(PY) -m distill.run --help   # presets, including SD 1.5 / SDXL on your own teacher"
+	@echo "Outputs: runs/quickstart/student (a 4-step student bundle; it also serves 1 step), samples.png (student"
+	@echo "         beside teacher), metrics.json (FD, class accuracy vs the teacher), losses.png, config.json."
+	@echo "Next:    $(PY) -m export.trt --nfe 4     # ONNX + TensorRT engines of this student (ONNX only without TensorRT)"
+	@echo "         $(PY) -m runtime.generate --engine runs/quickstart/engine --n 100 --png runs/quickstart/grid.png"
+	@echo "         $(PY) -m demo                    # the web demo on this student"
+	@echo "         $(PY) -m distill.run --help     # presets, including SD 1.5 / SDXL / SD3 on your own teacher"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

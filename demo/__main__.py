@@ -9,7 +9,7 @@ FD 0.070 against the teacher's 50-step 0.078). Either is exported once to an eng
 import argparse
 from pathlib import Path
 
-from runtime.errors import UserError, cli_main
+from fewstep.errors import UserError, cli_main
 
 QUICKSTART = Path("runs/quickstart")
 EMBEDDED_ENGINE = Path("runs/embedded/engine")

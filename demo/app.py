@@ -132,7 +132,12 @@ class Demo:
             return self._pipes[key]
         with self._pipe_lock:
             if key not in self._pipes:
-                pipe = Pipeline.load(self.engine_dir, backend, key[1])
+                if backend == "pytorch":  # the PyTorch student behind the same loop (verify/reference.py)
+                    from verify.reference import reference_pipeline
+
+                    pipe = reference_pipeline(self.engine_dir)
+                else:
+                    pipe = Pipeline.load(self.engine_dir, backend, key[1])
                 pipe.generate([0] if pipe.num_classes else None, n=None if pipe.num_classes else 1, nfe=pipe.nfes[0])
                 self._pipes[key] = pipe
             return self._pipes[key]
@@ -146,7 +151,7 @@ class Demo:
     def teacher(self):
         with self._teacher_lock:
             if self._teacher is None:
-                from distill.adapters import load_teacher
+                from distill.teachers import load_teacher
 
                 self._teacher = load_teacher(self.teacher_dir)
             return self._teacher
@@ -210,8 +215,8 @@ class Demo:
         import torch
 
         from distill.data import to_uint8
-        from distill.denoiser import guided
-        from distill.samplers import sample
+        from distill.teachers.denoiser import guided
+        from distill.teachers.samplers import sample
 
         teacher = self.teacher()
         x_shape = tuple(teacher.x_shape)
@@ -246,7 +251,7 @@ class Demo:
 
 def teacher_baseline(teacher_dir: Path | None) -> dict | None:
     """The teacher's own FD at its many-step reference sampler, from fewstep_baselines.json (python -m
-    distill.baselines --teacher), when recorded."""
+    benchmarks.teacher_baselines --teacher), when recorded."""
     path = teacher_dir / "fewstep_baselines.json" if teacher_dir else None
     if not path or not path.exists():
         return None

@@ -25,17 +25,16 @@ Loading needs no training code: `load_bundle(path).generate(noise, cond, nfe)`.
 """
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .denoiser import Denoiser, denoiser_from_spec
-from .errors import UserError
-from .schedule import schedule_from_manifest
+from distill.errors import UserError
+from distill.teachers.denoiser import Denoiser, denoiser_from_spec
+from distill.teachers.schedule import schedule_from_manifest
+from fewstep.folders import fresh_folder, replace_folder
 
 MANIFEST_NAME = "fewstep_student.json"
 FORMAT_VERSION = 1
@@ -107,21 +106,12 @@ def write_bundle(out_dir: str | Path, backbone, manifest: dict, extra: dict | No
         raise ValueError(f"the student manifest lacks {', '.join(missing)}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise ValueError(f"this code writes format_version {FORMAT_VERSION}, got {manifest['format_version']}")
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_folder(out_dir, "student bundle")
     manifest = dict(manifest, network=backbone.save(tmp))
     for name, state in (extra or {}).items():
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / name))
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-    if out_dir.exists():  # two renames: the old bundle disappears only once the new one is complete
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
+    replace_folder(tmp, out_dir)
     return out_dir
 
 
@@ -173,19 +163,22 @@ class StudentBundle:
 
     @torch.no_grad()
     def generate(self, noise: torch.Tensor, cond: dict | None = None, nfe: int | None = None,
-                 generator: torch.Generator | None = None, fresh_noise: torch.Tensor | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, fresh_noise: torch.Tensor | None = None,
+                 denoiser=None) -> torch.Tensor:
         """x0 for unit-variance `noise` (N, C, H, W) in `nfe` calls (default: the most the student serves).
 
         Re-noising between steps uses `fresh_noise` ((nfe - 1, N, C, H, W)) if given, else `generator`.
+        `denoiser`: another D(x, sigma, cond) in the student's loop (export's check of an exported file).
         """
+        D = self.denoiser if denoiser is None else denoiser
         nfe = self.nfes[-1] if nfe is None else nfe
         sigmas = self.sigmas(nfe)
         x = noise.float() * sigmas[0].item()
         if "nfe_condition" in self.manifest:  # SFD-v: the student is told its step count
             cond = dict(cond or {}) | {"nfe": torch.full((len(x),), nfe, dtype=torch.long, device=x.device)}
         if self.manifest["renoise"] == "none":  # SFD: a deterministic Euler trajectory
-            return sample_sfd(self.denoiser, x, sigmas, cond, afs=self.manifest["nfe"][str(nfe)].get("afs", False))
-        return sample_dmd2(self.denoiser, x, sigmas, cond, fresh_noise, generator)
+            return sample_sfd(D, x, sigmas, cond, afs=self.manifest["nfe"][str(nfe)].get("afs", False))
+        return sample_dmd2(D, x, sigmas, cond, fresh_noise, generator)
 
 
 def network_entry(manifest: dict) -> dict:
@@ -205,7 +198,7 @@ def network_entry(manifest: dict) -> dict:
 
 def _nfe_conditioned(path: Path, spec: dict, backbone):
     """SFD-v: the backbone with its step-count embedding (strictly loaded from its own safetensors file)."""
-    from .nfe_condition import NFEConditioned, NFEEmbedding
+    from distill.sfd.nfe_condition import NFEConditioned, NFEEmbedding
 
     try:
         embedding = NFEEmbedding(spec["emb_dim"], spec["hidden"])
@@ -223,8 +216,8 @@ def _nfe_conditioned(path: Path, spec: dict, backbone):
 
 def load_bundle(path: str | Path) -> StudentBundle:
     """Load a student bundle strictly (every weight matched) and check its manifest."""
-    from .adapters.backbone import load_backbone
-    from .adapters.loading import read_json
+    from distill.teachers.backbone import load_backbone
+    from distill.teachers.loading import read_json
 
     path = Path(path)
     if not path.is_dir():

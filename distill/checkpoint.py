@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from distill.errors import UserError
 
 _META_KEY = "fewstep_state"
 

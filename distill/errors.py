@@ -1,6 +1,6 @@
-"""User-facing errors: one clear line and a non-zero exit instead of a traceback (defined in runtime.errors, the
-torch-free leaf every stage shares)."""
+"""User-facing errors: one clear line and a non-zero exit instead of a traceback (defined in the shared leaf,
+fewstep/errors.py)."""
 
-from runtime.errors import UserError, cli_main
+from fewstep.errors import UserError, cli_main
 
 __all__ = ["UserError", "cli_main"]

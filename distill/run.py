@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dmd2 import DMD2Config, train_dmd2
-from .errors import UserError, cli_main
-from .sfd import SFD_NFES, SFDConfig, train_sfd, train_sfd_one_step
+from distill.dmd2 import DMD2Config, train_dmd2
+from distill.errors import UserError, cli_main
+from distill.sfd import SFD_NFES, SFDConfig, train_sfd, train_sfd_one_step
 
 SD_4STEP = (999, 749, 499, 249)  # DMD2's SD 1.5 / SDXL student timesteps (scaled-linear betas)
 FLOW_4STEP = (1.0, 0.75, 0.5, 0.25)  # the same four points in flow time; the teacher's scheduler shift warps them
@@ -27,12 +27,12 @@ FLOW_4STEP = (1.0, 0.75, 0.5, 0.25)  # the same four points in flow time; the te
 # t=749, against data of std 0.64), so the reference's list would spend two of four steps on pure noise. These are
 # the t whose sigma / data std equals SD's sigma / latent std (~1) at 749, 499, 249; the first step stays at 999.
 DIGITS_4STEP = (999, 451, 267, 133)
-# The digits 4-step student's last step (sigma 0.444) keeps to the teacher's x0 instead of distribution matching:
-# trained by DMD it made the samples worse in all nine 4-step students of sessions 7-8 (distill.steps_probe);
-# anchored, seeds 0 / 1 went from FD 0.134 / 0.086 to 0.062 / 0.064 (README, "The 4-step student").
-# Session 10 added the GAN on that step, a fake score per student step and GAN weight 0.1: over three seeds x five
-# noise seeds, FD 0.066 / 0.060 / 0.063 and held-out FD 0.167 / 0.162 / 0.158, against 0.070 / 0.067 / 0.070 and
-# 0.172 / 0.165 / 0.164 with the anchor alone (docs/dmd2_digits_s10.md).
+# The digits 4-step recipe (docs/dmd2.md, "The 4-step student"). Its last step (sigma 0.444) keeps to the teacher's
+# x0 instead of distribution matching: trained by DMD it made the samples worse in all nine unanchored 4-step
+# students (benchmarks.steps_probe); anchored, seeds 0 / 1 went from FD 0.134 / 0.086 to 0.062 / 0.064. The GAN on
+# that step, a fake score per student step and GAN weight 0.1 then gave, over three seeds x five noise seeds, FD
+# 0.066 / 0.060 / 0.063 and held-out FD 0.167 / 0.162 / 0.158, against 0.070 / 0.067 / 0.070 and 0.172 / 0.165 /
+# 0.164 with the anchor alone (docs/dmd2_digits_4step_recipe.md).
 DIGITS_4STEP_RECIPE = dict(anchor_sigma=0.5, anchor_weight=10.0, anchor_gan=True, fake_per_step=True, gan_g_weight=0.1)
 
 
@@ -51,7 +51,7 @@ class Preset:
 
 
 def _digits(**kw) -> DMD2Config:
-    """The digits recipe (tuned on the committed teacher; see docs/dmd2_digits.md)."""
+    """The digits recipe (tuned on the committed teacher; see docs/dmd2.md)."""
     # CFG 1.25, cosine LR and checkpoint selection: 3 of 3 seeds under the teacher's FD on the CPU, where CFG 1.5
     # with a constant LR gave 0.094-0.188 (README, "DMD2 on the digits teacher")
     base = dict(steps=1200, batch_size=64, lr_generator=1e-4, lr_fake=1e-4, warmup=100, weight_decay=0.0,
@@ -173,7 +173,7 @@ def resolve(args) -> tuple[Preset, DMD2Config | SFDConfig, Path | None]:
 
 def source_teacher(source: str) -> Path | None:
     """The teacher folder an SFD student bundle was distilled from (its manifest's), if it still exists."""
-    from .bundle import MANIFEST_NAME
+    from distill.bundle import MANIFEST_NAME
 
     manifest = Path(source) / MANIFEST_NAME
     if not manifest.exists():
@@ -200,13 +200,13 @@ def check_sfd_choice(args, cfg: SFDConfig) -> None:
 
 def load_real_data(preset: Preset, teacher, data_dir: Path | None):
     """(images, labels or captions) in the teacher's space, or None when the run uses no real data."""
-    from .data import load_digits_split
+    from distill.digits.data import load_digits_split
 
     if data_dir is None and preset.data == "digits":
         return load_digits_split("train")
     if data_dir is None:
         return None
-    from .imagefolder import load_captioned_folder, load_class_folder
+    from distill.data import load_captioned_folder, load_class_folder
 
     if teacher.conditioning == "text":
         images, captions = load_captioned_folder(data_dir, teacher.image_size)
@@ -264,10 +264,10 @@ def digits_selection_score(teacher, n: int = 1000, seed: int = SELECTION_SEED, c
     """DMD2's `score` for select_every on the digits teacher: FD of n generated digits (labels cycling, the
     student's whole loop) against the held-out split, in the metric classifier's features. Not the reported
     metric: that is FD against the training split on other noise (evaluate_student)."""
-    from .bundle import sample_dmd2
-    from .data import to_uint8
-    from .metrics import DigitsMetric
-    from .sample import noise_for, parse_labels
+    from distill.bundle import sample_dmd2
+    from distill.data import to_uint8
+    from distill.eval.metrics import DigitsMetric
+    from distill.sample import noise_for, parse_labels
 
     metric = DigitsMetric(reference="heldout")
     labels = parse_labels("cycle", n, teacher.num_classes)
@@ -290,9 +290,9 @@ def digits_selection_score(teacher, n: int = 1000, seed: int = SELECTION_SEED, c
 
 def evaluate_student(bundle_dir: Path, teacher, n: int, seed: int, device) -> dict:
     """Digits FD / accuracy of the student at every NFE it serves, plus images/s (the bundle as shipped)."""
-    from .bundle import load_bundle
-    from .metrics import digits_scores
-    from .sample import parse_labels, sample_student
+    from distill.bundle import load_bundle
+    from distill.eval.metrics import digits_scores
+    from distill.sample import parse_labels, sample_student
 
     bundle = load_bundle(bundle_dir).to(device)
     labels = parse_labels("cycle", n, bundle.num_classes)
@@ -311,9 +311,9 @@ def comparison_picture(bundle_dir: Path, teacher, out_path: Path, seed: int, dev
     """samples.png: the student (each NFE it serves) beside the teacher's 50-step sampler, same noise, 10x10."""
     from PIL import Image, ImageDraw
 
-    from .bundle import load_bundle
-    from .metrics import save_grid
-    from .sample import parse_labels, sample_student, sample_teacher
+    from distill.bundle import load_bundle
+    from distill.eval.metrics import save_grid
+    from distill.sample import parse_labels, sample_student, sample_teacher
 
     bundle = load_bundle(bundle_dir).to(device)
     n = 100
@@ -420,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> Path:
     from accelerate import Accelerator
 
-    from .adapters import load_teacher
-    from .digits import TEACHER_DIR
+    from distill.digits import TEACHER_DIR
+    from distill.teachers import load_teacher
 
     started = time.perf_counter()
     preset, cfg, teacher_dir = resolve(args)
@@ -438,7 +438,7 @@ def run(args) -> Path:
     real_data = load_real_data(preset, teacher, args.data) if uses_data else None
     pairs = None
     if preset.method == "dmd2" and cfg.regression_weight > 0:
-        from .dmd2 import make_regression_pairs
+        from distill.dmd2 import make_regression_pairs
 
         pairs = make_regression_pairs(teacher, n=2000, seed=12345)
     main = accelerator.is_main_process
@@ -497,7 +497,7 @@ def peak_memory_mb() -> float:
 
 
 def _patch_manifest_metrics(bundle: Path, student: dict) -> None:
-    from .bundle import MANIFEST_NAME
+    from distill.bundle import MANIFEST_NAME
 
     path = bundle / MANIFEST_NAME
     manifest = json.loads(path.read_text())

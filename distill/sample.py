@@ -14,31 +14,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import to_uint8
-from .denoiser import guided
-from .errors import UserError, cli_main
-from .samplers import SAMPLERS, sample, steps_for_nfe
-from .schedule import SCHEDULES
+from distill.data import to_uint8
+from distill.errors import UserError, cli_main
+from distill.teachers.denoiser import guided
+from distill.teachers.samplers import SAMPLERS, sample, steps_for_nfe
+from distill.teachers.schedule import SCHEDULES
+from fewstep import labels
 
 
 def parse_labels(spec: str | None, n: int, num_classes: int | None) -> torch.Tensor | None:
-    """'cycle' -> 0, 1, ..., K-1, 0, ...; '3,5' -> 3, 5, 3, 5, ...; None for unconditional models."""
-    if not num_classes:
-        if spec not in (None, "none"):
-            raise UserError("this model is unconditional; leave out --labels")
-        return None
-    if spec in (None, "cycle"):
-        return torch.arange(n) % num_classes
-    try:
-        ids = [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--labels must be 'cycle' or comma-separated class ids, got {spec!r}") from None
-    if not ids:
-        raise UserError("--labels is empty")
-    bad = [i for i in ids if not 0 <= i < num_classes]
-    if bad:
-        raise UserError(f"class label {bad[0]} is out of range; this model has classes 0..{num_classes - 1}")
-    return torch.tensor(ids)[torch.arange(n) % len(ids)]
+    """--labels as an (n,) tensor (fewstep/labels.py: 'cycle', '3,5', ...), None for unconditional models."""
+    ids = labels.parse_labels(spec, n, num_classes)
+    return None if ids is None else torch.tensor(ids)
 
 
 def noise_for(seed: int, start: int, count: int, shape, device="cpu") -> torch.Tensor:
@@ -90,7 +77,7 @@ def sample_student(bundle, nfe: int | None, n: int, labels: torch.Tensor | None,
 
 
 def is_student(path: Path) -> bool:
-    from .bundle import MANIFEST_NAME
+    from distill.bundle import MANIFEST_NAME
 
     return (Path(path) / MANIFEST_NAME).exists()
 
@@ -118,7 +105,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def run_sampling(args) -> tuple[np.ndarray, np.ndarray | None, object, float]:
     """Shared by sample and eval: load, validate, sample. Returns images, labels, teacher, seconds."""
-    from .adapters import load_teacher
+    from distill.teachers import load_teacher
 
     if args.n < 1 or args.batch_size < 1:
         raise UserError("--n and --batch-size must be positive")
@@ -141,7 +128,7 @@ def run_sampling(args) -> tuple[np.ndarray, np.ndarray | None, object, float]:
 
 
 def _run_student_sampling(args) -> tuple[np.ndarray, np.ndarray | None, object, float]:
-    from .bundle import load_bundle
+    from distill.bundle import load_bundle
 
     bundle = load_bundle(args.model)
     if "latent_shape" in bundle.manifest["image"]:
@@ -171,7 +158,7 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     labels = labels if labels is not None else np.full(len(images), -1)
     np.savez(args.out, images=images, labels=labels.astype(np.int64))
-    from .metrics import save_grid
+    from distill.eval.metrics import save_grid
 
     grid = save_grid(images[:100], args.out.with_suffix(".png"))
     print(f"{len(images)} images in {seconds:.1f} s -> {args.out} (grid: {grid})")

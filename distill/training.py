@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_state, rng_state, save_state, set_rng_state, truncate_log
-from .errors import UserError
+from distill.checkpoint import load_state, rng_state, save_state, set_rng_state, truncate_log
+from distill.errors import UserError
 
 # Settings a resumed run may change: they do not alter the optimisation done so far.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")

@@ -12,7 +12,7 @@ What the runtime computes around the graphs (written in the manifest's "text" se
 each tokenizer (padded and truncated to max_length); SD 1.5: encoder_hidden_states = text_encoder's hidden_states
 (the last layer, after the final layer norm); SDXL: the two encoders' hidden_states (penultimate layers)
 concatenated on the last axis, text_embeds = text_encoder_2's pooled projection, time_ids = the manifest's
-constant (H, W, 0, 0, H, W). These are exactly the tensors distill/adapters/latent.py's prompt encoders give the
+constant (H, W, 0, 0, H, W). These are exactly the tensors distill/teachers/latent.py's prompt encoders give the
 UNet, and parity is measured against them, not against the wrappers below.
 
 Why torch.onnx.export and not optimum's exporters: optimum-onnx (their home since optimum 2) requires
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.errors import UserError
+from fewstep.errors import UserError
 
 # Prompts the text encoders are checked on (and the UNet's loop is conditioned on): the empty prompt, short and
 # long ones, and one past the 77-token context (truncated).
@@ -78,7 +78,7 @@ class VAEDecoderGraph(nn.Module):
 
 
 def text_graphs(teacher) -> list[tuple]:
-    """(part, its graph) for each text encoder of the teacher's prompt encoder (distill/adapters/prompts.py)."""
+    """(part, its graph) for each text encoder of the teacher's prompt encoder (distill/teachers/prompts.py)."""
     return [(part, TextEncoderGraph(part.encoder, penultimate=part.layer == "penultimate", pooled=part.pooled).eval())
             for part in teacher.prompt_encoder.parts]
 
@@ -86,8 +86,8 @@ def text_graphs(teacher) -> list[tuple]:
 def load_teacher_parts(bundle, teacher_dir: str | Path | None = None):
     """The latent teacher whose text encoders, VAE and tokenizers the engine ships (default: the one the bundle
     names), checked against the student; its own denoiser is released (the export does not need it)."""
-    from distill.adapters import load_teacher
     from distill.bundle import MANIFEST_NAME
+    from distill.teachers import load_teacher
 
     m = bundle.manifest
     path = teacher_dir or m["conditioning"].get("teacher") or m.get("teacher")
@@ -129,7 +129,8 @@ def loop_condition(teacher, batch: int) -> dict:
 def export_parts(teacher, x0: torch.Tensor, out: Path) -> tuple[dict, dict]:
     """Export the text encoder(s) and the VAE decoder into `out` in fp32, each checked against the adapter's own
     tensors, and copy the tokenizers. Returns (files entries, manifest sections)."""
-    from .onnx import checked_file, export_graph, io_specs
+    from .graph import export_graph, io_specs
+    from .parity import checked_file
 
     files, encoders = {}, []
     # the whole prompt set (batch 4) and one prompt (batch 1): the batch axis is dynamic

@@ -2,7 +2,7 @@
 `python -m export.trt --bundle DIR --nfe K --out ENGINE_DIR [--precision fp16] [--batch 1:1:16] [--timing-cache FILE]
 [--version-compatible]`.
 
-Two stages, each complete on its own (DESIGN.md §5):
+Two stages, each complete on its own (docs/design.md §5):
 
 1. `export.onnx` writes the engine folder: `student_<precision>.onnx` and `fewstep_engine.json`, checked against
    PyTorch with ONNX Runtime and written atomically. Nothing below changes the graph.
@@ -28,8 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.errors import UserError, cli_main
-from export.onnx import ENGINE_MANIFEST, GraphStudent, export_onnx, loop_inputs, within_tolerance
+from fewstep.errors import UserError, cli_main
+
+from .graph import GraphStudent, loop_inputs
+from .manifest import ENGINE_MANIFEST
+from .onnx import chosen_bundle, export_onnx
+from .parity import within_tolerance
 
 TRT_PRECISIONS = ("fp32", "fp16", "int8")  # the ONNX files a strongly typed TensorRT network takes as they are
 
@@ -315,8 +319,10 @@ def check_timing_cache_path(path: Path | None) -> None:
 @cli_main
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m export.trt", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", type=Path, required=True, help="a student bundle folder (…/student)")
-    p.add_argument("--out", type=Path, help="engine folder (default: BUNDLE/../engine)")
+    p.add_argument("--bundle", type=Path, help="a student bundle folder (…/student; default: the quickstart "
+                                               "student runs/quickstart/student, else the embedded digits student)")
+    p.add_argument("--out", type=Path, help="engine folder (default: BUNDLE/../engine; runs/embedded/engine for the "
+                                            "embedded student)")
     p.add_argument("--nfe", type=int, help="the schedule the engine serves (default: the most the student serves)")
     p.add_argument("--precision", default="fp32",
                    help=f"comma-separated, from {', '.join(TRT_PRECISIONS)}: which ONNX file each plan is built from")
@@ -333,9 +339,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     batch = parse_batch_range(args.batch)  # before any export work: a typo here should cost nothing
     check_timing_cache_path(args.timing_cache)
-    out = args.out or args.bundle.parent / "engine"
+    bundle, out = chosen_bundle(args.bundle, args.out)
     precisions = tuple(s.strip() for s in args.precision.split(",") if s.strip())
-    out = export_trt(args.bundle, out, args.nfe, precisions, batch, args.timing_cache, args.version_compatible,
+    out = export_trt(bundle, out, args.nfe, precisions, batch, args.timing_cache, args.version_compatible,
                      args.opt_level, args.workspace_gib)
     manifest = read_manifest(out)
     for f in manifest["files"].values():

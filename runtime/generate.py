@@ -12,25 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
+from fewstep import labels
+
 from .errors import UserError, cli_main
 from .pipeline import BACKENDS, Pipeline
 
 
 def parse_labels(spec: str | None, n: int, num_classes: int | None) -> np.ndarray | None:
-    """`cycle` (0, 1, ..., K-1, 0, ...) or comma-separated class ids repeated to n; None for unconditional."""
-    if num_classes is None:
-        if spec not in (None, "cycle"):
-            raise UserError("this engine is unconditional; leave out --labels")
-        return None
-    if spec in (None, "cycle"):
-        return np.arange(n) % num_classes
-    try:
-        ids = [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--labels must be 'cycle' or comma-separated class ids, got {spec!r}") from None
-    if not ids:
-        raise UserError("--labels is empty")
-    return np.resize(np.array(ids), n)
+    """--labels as an (n,) int64 array (fewstep/labels.py: 'cycle', '3,5', ...), None for unconditional engines."""
+    ids = labels.parse_labels(spec, n, num_classes, what="engine")
+    return None if ids is None else np.array(ids, dtype=np.int64)
 
 
 def save_grid(images: np.ndarray, path: Path, columns: int = 10) -> None:

@@ -1,5 +1,5 @@
 """The runtime pipeline: an engine folder in, uint8 images out, the sampling loop the manifest describes and
-nothing else. numpy plus one backend; no torch unless the PyTorch reference backend is chosen.
+nothing else. numpy plus one backend; never torch (the PyTorch reference is a backend object from verify/).
 
     pipe = Pipeline.load("runs/quickstart/engine")                 # backend="auto": the fastest one present
     out = pipe.generate([3, 1, 4], seed=0)                         # class labels; out.images (3, H, W, C) uint8
@@ -22,13 +22,12 @@ import numpy as np
 
 from . import native
 from . import noise as noise_gen
-from .backends import OnnxRuntimeBackend, TorchBackend, onnxruntime_providers
+from .backends import OnnxRuntimeBackend, onnxruntime_providers
 from .convention import x0_from_output
 from .errors import UserError
 from .manifest import read_manifest
 
-BACKENDS = ("auto", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-cudagraph", "openvino-cpu", "tensorrt",
-            "pytorch", "pytorch-compiled", "pytorch-cudagraph")
+BACKENDS = ("auto", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-cudagraph", "openvino-cpu", "tensorrt")
 MAX_SEED = 2**63 - 1
 
 
@@ -89,13 +88,19 @@ class Pipeline:
         self.text = None  # text-to-image engines: their tokenizers, text encoder(s) and VAE decoder (runtime/text.py)
 
     @classmethod
-    def load(cls, engine_dir: str | Path, backend: str = "auto", precision: str = "fp32",
-             threads: int | None = None, bundle: str | Path | None = None) -> "Pipeline":
-        """Open an engine folder once; the pipeline is then shared by every request (and thread). `bundle`: the
-        student bundle for the PyTorch backends, where it is not at the path the manifest recorded at export."""
+    def load(cls, engine_dir: str | Path, backend="auto", precision: str = "fp32",
+             threads: int | None = None) -> "Pipeline":
+        """Open an engine folder once; the pipeline is then shared by every request (and thread). `backend`: a name
+        from BACKENDS, or a backend object (`name`, `run(feed) -> prediction`), such as the PyTorch reference
+        (verify/reference.py)."""
         engine_dir = Path(engine_dir)
         manifest = read_manifest(engine_dir)
         files = manifest["files"]
+        if not isinstance(backend, str):
+            if manifest["conditioning"].get("kind") == "text":
+                raise UserError(f"{engine_dir} is a text-to-image engine; its text encoders and VAE run on ONNX "
+                                "Runtime only (backend onnxruntime-cpu or onnxruntime-cuda)")
+            return cls(manifest, engine_dir, backend, precision)
         name = choose_backend(backend, files)
         text = manifest["conditioning"].get("kind") == "text"
         if text and not name.startswith("onnxruntime"):
@@ -109,10 +114,6 @@ class Pipeline:
                 raise UserError(f"{engine_dir} has no TensorRT {precision} plan; it has "
                                 f"{', '.join(k for k in files if k.startswith('trt_')) or 'none'}")
             return cls(manifest, engine_dir, TensorRTBackend(engine_dir / entry["path"], manifest), precision)
-        if name.startswith("pytorch"):
-            bundle = bundle or manifest.get("student", {}).get("bundle")
-            mode = name.removeprefix("pytorch").removeprefix("-") or "eager"
-            return cls(manifest, engine_dir, TorchBackend(bundle, mode, precision), precision)
         entry = files.get(precision)
         if entry is None or not entry["path"].endswith(".onnx"):
             onnx = [k for k, v in files.items() if v["path"].endswith(".onnx")]

@@ -5,7 +5,7 @@ cuda-python for device memory and streams (no torch).
     prediction = backend.run({"x": x, "sigma": sigma, "timestep": t, ...})   # numpy in, float32 numpy out
     backend.close()                                                          # frees the GPU memory
 
-Per call (DESIGN.md §5): `set_input_shape` for each input, the inputs copied into the slot's device buffers,
+Per call (docs/design.md §5): `set_input_shape` for each input, the inputs copied into the slot's device buffers,
 `set_tensor_address`, `execute_async_v3` on the slot's own (non-default) stream, the prediction copied back, and one
 stream synchronisation. Device buffers only grow: a call never allocates unless its batch is the largest this slot
 has seen.

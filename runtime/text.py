@@ -4,7 +4,7 @@ engine manifest's `text` and `vae_decoder` sections describe (written by export/
 Tokenizing uses the tokenizers copied into the engine folder (CLIP's, T5's) through `transformers` (its tokenizer
 classes import no torch); the encoders and the decoder run on ONNX Runtime like the network. How the encoders'
 outputs become the network's condition is the manifest's layout rule (`text.groups`, `width`, `pooled`,
-`constants`), the same one distill/adapters/prompts.py applies in PyTorch.
+`constants`), the same one distill/teachers/prompts.py applies in PyTorch.
 """
 
 import json

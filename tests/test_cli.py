@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from distill import eval as eval_cli
 from distill import sample as sample_cli
-from distill.adapters import load_teacher
 from distill.checkpoint import load_state
-from distill.data import load_digits_split, to_uint8
+from distill.data import to_uint8
+from distill.digits.data import load_digits_split
 from distill.errors import UserError
+from distill.eval import rate as eval_cli
+from distill.teachers import load_teacher
 
 
 def run_cli(main, argv, capsys):
@@ -100,7 +101,7 @@ def test_eval_rejects_both_or_neither(tmp_path, capsys):
 
 def test_teacher_training_resumes_exactly(tmp_path, monkeypatch):
     """Interrupted after the first checkpoint and re-run, training ends with the same weights."""
-    from distill import teacher as teacher_mod
+    from distill.digits import teacher as teacher_mod
 
     cfg = teacher_mod.TeacherConfig(steps=4, batch_size=4, checkpoint_every=2, warmup=2)
     straight = teacher_mod.train_teacher(cfg, tmp_path / "a", tmp_path / "a" / "teacher")
@@ -130,7 +131,7 @@ def test_teacher_training_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_classifier_training_smoke(tmp_path):
-    from distill.classifier import ClassifierConfig, load_classifier, train_classifier
+    from distill.eval.classifier import ClassifierConfig, load_classifier, train_classifier
 
     acc = train_classifier(ClassifierConfig(epochs=1, batch_size=64), tmp_path / "clf")
     model = load_classifier(tmp_path / "clf")
@@ -145,7 +146,7 @@ def test_classifier_training_smoke(tmp_path):
 def test_compare_students_summary_and_bad_input(tmp_path, capsys):
     """Mean and spread over seeds, and seed-for-seed wins against the first model; a folder that is not a
     student bundle is one error line."""
-    from distill import compare_students
+    from benchmarks import compare_students
 
     def model(name, fds, heldouts):
         return {"name": name, "nfe": 1, "scores": [{"fd": a, "fd_heldout": b, "accuracy": 1.0}
@@ -164,7 +165,7 @@ def test_compare_students_summary_and_bad_input(tmp_path, capsys):
 def test_compare_students_reads_the_runs_ratings_over_training(tmp_path):
     """rating_curves: the (steps done, rating) pairs a run logged beside its bundle, in order, skipping records
     without a rating and a torn last line; a bundle whose run logged none is left out."""
-    from distill import compare_students
+    from benchmarks import compare_students
 
     run = tmp_path / "run"
     (run / "student").mkdir(parents=True)
@@ -181,7 +182,7 @@ def test_compare_students_reads_the_runs_ratings_over_training(tmp_path):
 def test_compare_students_reuses_what_its_out_file_holds(tmp_path):
     """Measurements already in OUT.json (same model, NFE, sample count and seed) are reused, not sampled again;
     a file that is not a result is a clear error."""
-    from distill import compare_students
+    from benchmarks import compare_students
 
     name = "teacher, DPM-Solver++(2M) 50 steps"
     old = [{"name": name, "nfe": 50, "n": 10, "seeds": [1, 2], "scores": [{"fd": 0.5, "fd_heldout": 0.6,

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from distill.adapters import load_teacher
 from distill.digits import CLASSIFIER_DIR, TEACHER_DIR
-from distill.metrics import digits_metric
+from distill.eval.metrics import digits_metric
 from distill.sample import parse_labels, sample_teacher
+from distill.teachers import load_teacher
 
 # Measured: FD 0.086, accuracy 100% (dpmpp-2m, 20 NFE, 500 samples, seed 0, CFG 1.5); CFG 1.0 gives 0.133 and
 # 1-step DDIM is far worse, so 0.15 catches a broken teacher, sampler or metric without flaking.

@@ -1,8 +1,8 @@
 """CPU fast paths on the committed digits student (1.2 M parameters, seconds to export): the int8-cpu export
 (parity, and the structure ONNX Runtime fuses into integer kernels), the OpenVINO backend against ONNX Runtime, the
-bf16 entry, runtime.profile (its tables sum to the total, its MAC count matches the network's) and runtime.bench's
-quality columns. Timings are not asserted here: they are in docs/cpu_profile.md and the README's "CPU speed"
-section."""
+bf16 entry, benchmarks.cpu_profile (its tables sum to the total, its MAC count matches the network's) and
+benchmarks.runtime_bench's quality columns. Timings are not asserted here: they are in docs/cpu_profile.md and the
+README's "CPU speed" section."""
 
 import json
 import shutil
@@ -15,10 +15,13 @@ import torch
 ort = pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
 onnx = pytest.importorskip("onnx", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
 
+from benchmarks import cpu_profile as profile  # noqa: E402
+from benchmarks import runtime_bench as bench  # noqa: E402
 from distill.bundle import load_bundle  # noqa: E402
 from distill.digits import TEACHER_DIR  # noqa: E402
 from export import onnx as export_onnx  # noqa: E402
-from runtime import Pipeline, UserError, bench, native, profile  # noqa: E402
+from export import parity as export_parity  # noqa: E402
+from runtime import Pipeline, UserError, native  # noqa: E402
 from runtime.openvino import openvino_available  # noqa: E402
 
 STUDENT_DIR = TEACHER_DIR.parent / "digits_student"
@@ -49,7 +52,7 @@ def test_int8_cpu_passes_parity_and_runs_every_conv_in_integer_kernels(student, 
     manifest = json.loads((engine / export_onnx.ENGINE_MANIFEST).read_text())
     entry = manifest["files"]["int8-cpu"]
     assert entry["path"] == "student_int8-cpu.onnx" and entry["calls_checked"] == 1
-    assert entry["rel_rms_err"] <= export_onnx.INT8_MAX_REL_RMS and "relative RMS" in entry["parity"]
+    assert entry["rel_rms_err"] <= export_parity.INT8_MAX_REL_RMS and "relative RMS" in entry["parity"]
 
     source = onnx.load(str(engine / entry["path"]))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in source.graph.initializer}
@@ -59,7 +62,7 @@ def test_int8_cpu_passes_parity_and_runs_every_conv_in_integer_kernels(student, 
 
     fp32_convs = Counter(n.op_type for n in onnx.load(str(engine / "student_fp32.onnx")).graph.node)["Conv"]
     ops = Counter(n.op_type for n in optimized_graph(engine / entry["path"], tmp_path).graph.node)
-    # every Conv an integer kernel but the first and last (export_onnx.FLOAT_ENDS), no weight dequantized per call
+    # every Conv an integer kernel but the first and last (export_int8.FLOAT_ENDS), no weight dequantized per call
     assert ops["QLinearConv"] == fp32_convs - 2, ops
     assert sum(ops[k] for k in ("Conv", "FusedConv")) == 2, ops
     float_convs = [n.name for n in source.graph.node if n.op_type == "Conv" and n.input[1] in inits]
@@ -107,7 +110,7 @@ def test_bf16_entry_runs_on_openvino_only(student, tmp_path):
     entry = json.loads((engine / export_onnx.ENGINE_MANIFEST).read_text())["files"]["bf16"]
     assert entry["path"] == "student_fp32.onnx" and (engine / entry["path"]).exists()  # kept: bf16 runs it
     assert entry["backend"] == "openvino-cpu" and entry["inference_precision"] == "bf16"
-    assert entry["rel_rms_err"] <= export_onnx.INT8_MAX_REL_RMS
+    assert entry["rel_rms_err"] <= export_parity.INT8_MAX_REL_RMS
     pipe = Pipeline.load(engine, "openvino-cpu", "bf16", threads=1)
     assert pipe.backend.inference_precision == "bf16" and pipe.generate([0, 1], seed=0).images.shape == (2, 16, 16, 1)
     with pytest.raises(UserError, match="runs on backend openvino-cpu"):

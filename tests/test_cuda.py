@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.adapters import load_teacher
-from distill.denoiser import guided
 from distill.digits import TEACHER_DIR
 from distill.sample import sample_teacher
+from distill.teachers import load_teacher
+from distill.teachers.denoiser import guided
 
 from .tiny_sd import make_tiny_sd_dir
 

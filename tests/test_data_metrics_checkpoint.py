@@ -10,9 +10,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from distill.checkpoint import load_state, save_state
-from distill.data import NUM_CLASSES, augment, from_uint8, load_digits_split, to_uint8
+from distill.data import from_uint8, to_uint8
+from distill.digits.data import NUM_CLASSES, augment, load_digits_split
 from distill.errors import UserError
-from distill.metrics import append_record, digits_metric, frechet_distance, save_grid
+from distill.eval.metrics import append_record, digits_metric, frechet_distance, save_grid
 
 # --- data ---------------------------------------------------------------------------------------
 

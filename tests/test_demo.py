@@ -25,8 +25,8 @@ from PIL import Image  # noqa: E402
 
 from demo.__main__ import default_engine  # noqa: E402
 from demo.app import DISPLAY_PX, MAX_IMAGES, Demo, build_app  # noqa: E402
-from distill.adapters import load_teacher  # noqa: E402
 from distill.dmd2 import DMD2Config, train_dmd2  # noqa: E402
+from distill.teachers import load_teacher  # noqa: E402
 from export.onnx import export_onnx  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 

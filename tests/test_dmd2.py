@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 
 from distill import run as run_cli
 from distill import sample as sample_cli
-from distill.adapters import load_teacher
 from distill.bundle import MANIFEST_NAME, load_bundle
 from distill.checkpoint import load_state
-from distill.denoiser import vp_output_to_x0, vp_target
 from distill.dmd2 import DMD2Config, draw_batch, lr_at, student_input, train_dmd2
+from distill.dmd2.losses import WEIGHTINGS, denoising_loss, dm_loss, gan_d_loss, gan_g_loss
 from distill.errors import UserError
-from distill.losses import WEIGHTINGS, denoising_loss, dm_loss, gan_d_loss, gan_g_loss
+from distill.teachers import load_teacher
+from distill.teachers.denoiser import vp_output_to_x0, vp_target
 
 from .conftest import make_tiny_pixel_dir
 from .tiny_sd import IMAGE_SIZE, make_tiny_sd_dir
@@ -248,9 +248,9 @@ def test_backward_simulation_feeds_what_the_bundle_loop_feeds(teacher, student_3
 
 
 def test_steps_probe_runs_the_bundle_loop_and_swaps_one_step(teacher, student_3step):
-    """distill.steps_probe's loop is the shipped loop; putting the teacher at step 1 leaves step 0 as it was
+    """benchmarks.steps_probe's loop is the shipped loop; putting the teacher at step 1 leaves step 0 as it was
     and changes every later output."""
-    from distill.steps_probe import loop
+    from benchmarks.steps_probe import loop
 
     bundle = load_bundle(student_3step)
     sigmas, g = bundle.sigmas(3), torch.Generator().manual_seed(0)
@@ -267,7 +267,7 @@ def test_steps_probe_runs_the_bundle_loop_and_swaps_one_step(teacher, student_3s
 
 
 def test_steps_probe_refuses_what_it_cannot_measure(student_3step, tmp_path, capsys):
-    from distill.steps_probe import main
+    from benchmarks.steps_probe import main
 
     for path, message in ((tmp_path, "is not a student bundle"), (student_3step, "is not the digits teacher")):
         with pytest.raises(SystemExit) as e:
@@ -308,7 +308,7 @@ def test_resume_is_exact(teacher, tmp_path, capsys, monkeypatch, variant, stop):
     if stop == "fewer_steps":  # 3 steps, then the same call with steps=6
         train_dmd2(small_config(**variant, steps=3), teacher, data, out, progress=False)
     else:  # a crash in step 4, after the step-3 checkpoint, with step 3 already logged
-        from distill import dmd2
+        import distill.dmd2.train as dmd2  # where the loop looks fake_step up
 
         real_fake_step, calls = dmd2.fake_step, []
 
@@ -470,12 +470,13 @@ def test_anchored_steps_learn_the_teacher_and_stay_out_of_the_fake_score(teacher
     """anchor_sigma: the rows of the low-noise step (here the last of three) are trained towards the frozen
     teacher's own x0 on the very input the generator got, and the fake score only ever sees the other steps'
     outputs; every step still gets its equal share of the batch."""
-    import distill.dmd2 as dmd2
+    import distill.dmd2.train as dmd2  # the loop: fake_step, generator_step
+    import distill.dmd2.updates as updates  # the generator update: anchor_loss
 
     sigmas = teacher.denoiser.schedule.t_to_sigma(torch.tensor(THREE_STEPS, dtype=torch.float64))
     cfg = small_config(batch_size=6, student_timesteps=THREE_STEPS, anchor_sigma=float(sigmas[2]) * 1.01)
     seen = {"fake_k": [], "anchor": [], "gen": []}
-    original_fake, original_gen, original_anchor = dmd2.fake_step, dmd2.generator_step, dmd2.anchor_loss
+    original_fake, original_gen, original_anchor = dmd2.fake_step, dmd2.generator_step, updates.anchor_loss
 
     def fake_step(nets, opt, scaler, batch, x_gen, *args, **kw):
         assert len(x_gen) == len(batch.k) == len(batch.sigma_fake) == len(batch.cond["class_labels"])
@@ -492,7 +493,7 @@ def test_anchored_steps_learn_the_teacher_and_stay_out_of_the_fake_score(teacher
 
     monkeypatch.setattr(dmd2, "fake_step", fake_step)
     monkeypatch.setattr(dmd2, "generator_step", generator_step)
-    monkeypatch.setattr(dmd2, "anchor_loss", anchor_loss)
+    monkeypatch.setattr(updates, "anchor_loss", anchor_loss)
     out = train_dmd2(cfg, teacher, real_data(), tmp_path, progress=False)
     assert len(seen["fake_k"]) == cfg.steps and all(sorted(k) == [0, 0, 1, 1] for k in seen["fake_k"])
     assert len(seen["anchor"]) == len(seen["gen"]) == 3  # generator updates at steps 0, 2, 4
@@ -512,7 +513,7 @@ def test_anchored_steps_learn_the_teacher_and_stay_out_of_the_fake_score(teacher
 def test_anchor_gan_shows_the_anchored_outputs_to_the_gan_but_not_to_the_fake_score(teacher, monkeypatch, tmp_path):
     """anchor_gan: the anchored (last) step's outputs take the generator's GAN loss and are fakes to the GAN
     head, while the fake score's denoising loss still sees only the distribution-matched steps."""
-    import distill.dmd2 as dmd2
+    import distill.dmd2.updates as dmd2  # where the two updates look their losses up
 
     sigmas = teacher.denoiser.schedule.t_to_sigma(torch.tensor(THREE_STEPS, dtype=torch.float64))
     seen = {"gan_g": [], "gan_d_fake": [], "denoise": []}
@@ -548,7 +549,7 @@ def test_step_conditioned_fake_score_starts_as_the_teacher_and_tells_steps_apart
     predictions only; a forward without steps is an error, not a silent reuse of the last ones."""
     import copy
 
-    from distill.gan_head import FakeScore
+    from distill.dmd2.fake_score import FakeScore
 
     fake = FakeScore(copy.deepcopy(teacher.denoiser), None, num_steps=3)
     g = torch.Generator().manual_seed(0)
@@ -568,7 +569,7 @@ def test_step_conditioned_fake_score_starts_as_the_teacher_and_tells_steps_apart
 def test_fake_per_step_tells_every_fake_score_call_its_rows_steps(teacher, monkeypatch, tmp_path):
     """fake_per_step: every fake-score forward in training gets one step per row (the generated rows' own, and
     every step in turn for the real images), and training moves the steps' vectors apart."""
-    from distill.gan_head import FakeScore
+    from distill.dmd2.fake_score import FakeScore
 
     calls, original = [], FakeScore.forward
 

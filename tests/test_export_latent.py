@@ -13,11 +13,12 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
 
-from distill.adapters.latent import load_latent_teacher  # noqa: E402
 from distill.bundle import MANIFEST_NAME, load_bundle  # noqa: E402
 from distill.data import to_uint8  # noqa: E402
 from distill.dmd2 import train_dmd2  # noqa: E402
 from distill.run import PRESETS  # noqa: E402
+from distill.teachers.latent import load_latent_teacher  # noqa: E402
+from export import graph as export_graph  # noqa: E402
 from export import onnx as export_onnx  # noqa: E402
 from export.latent import VAE_TOLERANCE  # noqa: E402
 from runtime.convention import x0_from_output  # noqa: E402
@@ -95,7 +96,7 @@ def test_unet_batch_axis_is_dynamic(exported):
         with torch.no_grad():
             cond = teacher.cond(prompts=PROMPTS[:batch])
         feeds = export_onnx.loop_inputs(bundle, m["schedule"]["nfe"], batch, seed=batch, cond=cond)
-        wants = export_onnx.module_outputs(model, feeds)
+        wants = export_graph.module_outputs(model, feeds)
         for feed, want in zip(feeds, wants):
             got = session.run(["prediction"], feed)[0]
             assert got.shape == (batch, 4, 8, 8) and np.abs(got - want[0]).max() <= 1e-4
@@ -209,18 +210,18 @@ def test_fp16_and_int8_are_refused_for_latent_bundles(sd15_bundle, tmp_path, cap
 
 def test_external_data_decision():
     gib = 2**30
-    assert not export_onnx.needs_external_data(0.49e9)  # CLIP ViT-L text encoder (SD 1.5), fp32
-    assert not export_onnx.needs_external_data(1.4 * gib)
-    assert export_onnx.needs_external_data(1.6 * gib)  # past 1.5 GiB: constant folding could push it over 2 GB
-    assert export_onnx.needs_external_data(3.44e9)  # SD 1.5's UNet, fp32
-    assert export_onnx.needs_external_data(2.78e9)  # SDXL's OpenCLIP bigG text encoder, fp32
+    assert not export_graph.needs_external_data(0.49e9)  # CLIP ViT-L text encoder (SD 1.5), fp32
+    assert not export_graph.needs_external_data(1.4 * gib)
+    assert export_graph.needs_external_data(1.6 * gib)  # past 1.5 GiB: constant folding could push it over 2 GB
+    assert export_graph.needs_external_data(3.44e9)  # SD 1.5's UNet, fp32
+    assert export_graph.needs_external_data(2.78e9)  # SDXL's OpenCLIP bigG text encoder, fp32
 
 
 def test_external_data_files_load_check_and_pass_parity(sd15_bundle, tmp_path, monkeypatch):
     """The path big models take (every graph's weights in one .data file beside it), forced on the tiny student."""
     import onnx
 
-    monkeypatch.setattr(export_onnx, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(export_graph, "EXTERNAL_DATA_BYTES", 0)
     engine = export_onnx.export_onnx(sd15_bundle, tmp_path / "engine")
     m = json.loads((engine / export_onnx.ENGINE_MANIFEST).read_text())
     for key, entry in m["files"].items():

@@ -10,12 +10,14 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
 
-from distill.adapters import load_teacher  # noqa: E402
 from distill.bundle import load_bundle  # noqa: E402
 from distill.dmd2 import DMD2Config, train_dmd2  # noqa: E402
 from distill.errors import UserError  # noqa: E402
 from distill.sfd import SFDConfig, train_sfd  # noqa: E402
+from distill.teachers import load_teacher  # noqa: E402
+from export import int8 as export_int8  # noqa: E402
 from export import onnx as export_onnx  # noqa: E402
+from export import parity as export_parity  # noqa: E402
 from runtime.convention import x0_from_output  # noqa: E402
 
 from .conftest import make_tiny_pixel_dir  # noqa: E402
@@ -84,7 +86,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(bundles, tmp_path, capsy
 
 
 def test_parity_failure_stops_the_export(bundles, tmp_path, monkeypatch):
-    monkeypatch.setitem(export_onnx.TOLERANCE, "fp32", 0.0)  # no file can meet a zero tolerance
+    monkeypatch.setitem(export_parity.TOLERANCE, "fp32", 0.0)  # no file can meet a zero tolerance
     with pytest.raises(UserError, match="differs from PyTorch"):
         export_onnx.export_onnx(bundles["dmd2"], tmp_path / "engine")
     assert not (tmp_path / "engine").exists() and not (tmp_path / "engine.tmp").exists()
@@ -92,7 +94,7 @@ def test_parity_failure_stops_the_export(bundles, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_runtime_x0_matches_the_denoiser_convention(prediction_type):
-    from distill.denoiser import vp_output_to_x0
+    from distill.teachers.denoiser import vp_output_to_x0
 
     g = torch.Generator().manual_seed(0)
     x, out = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64) * 5, torch.randn(3, 1, 4, 4, generator=g)
@@ -114,8 +116,8 @@ def test_int8_is_symmetric_per_channel_qdq(bundles, tmp_path, monkeypatch):
     out = export_onnx.export_onnx(bundles["dmd2"], tmp_path / "engine")
     bundle = load_bundle(bundles["dmd2"])
     monkeypatch.setitem(sys.modules, "modelopt.onnx.quantization", None)  # ONNX Runtime's path, even with ModelOpt
-    made_by = export_onnx.to_int8(out / "student_fp32.onnx", tmp_path / "q.onnx",
-                                  export_onnx.calibration_inputs(bundle, [2]))
+    made_by = export_int8.to_int8(out / "student_fp32.onnx", tmp_path / "q.onnx",
+                                  export_int8.calibration_inputs(bundle, [2]))
     assert made_by.startswith("onnxruntime ")
     model = onnx.load(str(tmp_path / "q.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -142,8 +144,8 @@ def test_int8_by_modelopt_is_symmetric_per_channel_qdq(bundles, tmp_path):
 
     out = export_onnx.export_onnx(bundles["dmd2"], tmp_path / "engine")
     bundle = load_bundle(bundles["dmd2"])
-    made_by = export_onnx.to_int8(out / "student_fp32.onnx", tmp_path / "q.onnx",
-                                  export_onnx.calibration_inputs(bundle, [2]))
+    made_by = export_int8.to_int8(out / "student_fp32.onnx", tmp_path / "q.onnx",
+                                  export_int8.calibration_inputs(bundle, [2]))
     assert made_by.startswith("modelopt ")
     model = onnx.load(str(tmp_path / "q.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -159,7 +161,7 @@ def test_int8_by_modelopt_is_symmetric_per_channel_qdq(bundles, tmp_path):
     dq_outputs = {n.output[0] for n in qdq if n.op_type == "DequantizeLinear"}
     quantized = [n for n in model.graph.node if dq_outputs.intersection(n.input)]
     assert {"Conv", "Gemm"} <= {n.op_type for n in quantized}
-    assert not [n.name for n in quantized if any(k in n.name for k in export_onnx.EMBEDDING_NODES)]
+    assert not [n.name for n in quantized if any(k in n.name for k in export_int8.EMBEDDING_NODES)]
     feed = export_onnx.loop_inputs(bundle, 2, 3)[0]
     assert ort.InferenceSession(str(tmp_path / "q.onnx")).run(["prediction"], feed)[0].shape == feed["x"].shape
 

@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
 
-from distill.adapters import load_teacher  # noqa: E402
 from distill.bundle import load_bundle  # noqa: E402
 from distill.dmd2 import DMD2Config, train_dmd2  # noqa: E402
 from distill.errors import UserError  # noqa: E402
+from distill.teachers import load_teacher  # noqa: E402
 from export import trt as export_trt  # noqa: E402
 from export.onnx import ENGINE_MANIFEST, GraphStudent, loop_inputs  # noqa: E402
 

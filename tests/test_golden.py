@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
 
-from distill.adapters import load_teacher  # noqa: E402
 from distill.dmd2 import DMD2Config, train_dmd2  # noqa: E402
 from distill.sfd import SFDConfig, train_sfd  # noqa: E402
+from distill.teachers import load_teacher  # noqa: E402
 from export.onnx import ENGINE_MANIFEST, export_onnx, step_coefficients  # noqa: E402
 from runtime import Pipeline  # noqa: E402
 from runtime import golden as golden_cli  # noqa: E402

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from distill.errors import UserError
-from distill.inception import FIDInceptionV3, inception_features, load_fid_inception
+from distill.eval.inception import FIDInceptionV3, inception_features, load_fid_inception
 
 # Learnable parameters of pt_inception-2015-12-05 (no AuxLogits, 1008-way fc): torchvision's inception_v3
 # (27,161,264 with aux head and 1000 classes) - aux head (3,326,696) + 8 extra classes (16,392).

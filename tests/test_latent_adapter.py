@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill.adapters.latent import SDUNetBackbone, SDXLUNetBackbone, load_latent_teacher
-from distill.denoiser import guided
 from distill.errors import UserError
+from distill.teachers.denoiser import guided
+from distill.teachers.latent import SDUNetBackbone, SDXLUNetBackbone, load_latent_teacher
 
 from .tiny_sd import BOS_ID, EOS_ID, IMAGE_SIZE, make_tiny_sd_dir
 

@@ -10,10 +10,10 @@ import torch
 from diffusers import DDPMScheduler, EDMEulerScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
-from distill.adapters import load_teacher
-from distill.adapters.factory import FactoryTeacher
-from distill.adapters.pixel import PixelTeacher
 from distill.errors import UserError
+from distill.teachers import load_teacher
+from distill.teachers.factory import FactoryTeacher
+from distill.teachers.pixel import PixelTeacher
 
 from .conftest import make_tiny_pixel_dir, scheduler_config
 

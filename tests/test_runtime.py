@@ -13,11 +13,11 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
 
-from distill.adapters import load_teacher  # noqa: E402
 from distill.bundle import load_bundle  # noqa: E402
 from distill.data import to_uint8  # noqa: E402
 from distill.dmd2 import DMD2Config, train_dmd2  # noqa: E402
 from distill.sfd import SFDConfig, train_sfd  # noqa: E402
+from distill.teachers import load_teacher  # noqa: E402
 from export.onnx import ENGINE_MANIFEST, export_onnx  # noqa: E402
 from runtime import Pipeline, UserError  # noqa: E402
 from runtime import generate as generate_cli  # noqa: E402
@@ -173,7 +173,9 @@ def test_same_seed_same_images_whatever_the_batching_and_threads(engines):
 def test_backends_agree(engines):
     engine = engines["sfd-v"][1]
     onnx = Pipeline.load(engine, backend="onnxruntime-cpu").generate([0, 1, 2], seed=3).images
-    torch_ref = Pipeline.load(engine, backend="pytorch")
+    from verify.reference import reference_pipeline
+
+    torch_ref = reference_pipeline(engine)  # the PyTorch student behind the runtime's loop
     assert torch_ref.backend.name == ("pytorch-cuda" if torch.cuda.is_available() else "pytorch-cpu")
     assert np.abs(torch_ref.generate([0, 1, 2], seed=3).images.astype(int) - onnx).max() <= 1
     auto = Pipeline.load(engine)  # no GPU and no TensorRT here: auto means ONNX Runtime on the CPU

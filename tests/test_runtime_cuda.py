@@ -13,6 +13,7 @@ pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a 
 
 from runtime import Pipeline  # noqa: E402
 from runtime.backends import onnxruntime_providers  # noqa: E402
+from verify.reference import reference_pipeline  # noqa: E402
 
 from .test_runtime import engines as engines  # noqa: E402  (the tiny DMD2 / SFD-v engines fixture)
 
@@ -31,17 +32,17 @@ def levels_apart(a, b):
 def test_pytorch_on_cuda_eager_and_graph_replay_match_the_cpu(engines, kind):
     engine = engines[kind][1]
     ref = cpu_images(engine)
-    for backend in ("pytorch", "pytorch-cudagraph"):
-        pipe = Pipeline.load(engine, backend=backend)
+    for mode in ("eager", "cudagraph"):
+        pipe = reference_pipeline(engine, mode)
         assert pipe.backend.name in ("pytorch-cuda", "pytorch-cudagraph")
-        assert levels_apart(pipe.generate(LABELS, seed=7).images, ref) <= 1, backend
-    half = Pipeline.load(engine, backend="pytorch", precision="fp16").generate(LABELS, seed=7).images
+        assert levels_apart(pipe.generate(LABELS, seed=7).images, ref) <= 1, mode
+    half = reference_pipeline(engine, precision="fp16").generate(LABELS, seed=7).images
     assert levels_apart(half, ref) <= 8  # fp16 compute: a few levels at most on these tiny random networks
 
 
 def test_cuda_graph_replay_per_batch_size_and_across_threads(engines):
     engine = engines["sfd-v"][1]
-    pipe = Pipeline.load(engine, backend="pytorch-cudagraph")
+    pipe = reference_pipeline(engine, "cudagraph")
     one = pipe.generate(LABELS, seed=7, batch_size=1).images
     assert np.array_equal(pipe.generate(LABELS, seed=7, batch_size=5).images, one)  # a second captured shape
     assert len(pipe.backend.graphs) == 2

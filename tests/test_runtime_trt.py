@@ -22,9 +22,9 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("TensorRT is installed but no CUDA GPU is visible", allow_module_level=True)
 
-from distill.adapters import load_teacher  # noqa: E402
 from distill.bundle import load_bundle  # noqa: E402
 from distill.dmd2 import DMD2Config, train_dmd2  # noqa: E402
+from distill.teachers import load_teacher  # noqa: E402
 from export.onnx import loop_inputs  # noqa: E402
 from export.trt import export_trt  # noqa: E402
 from runtime import Pipeline, UserError  # noqa: E402

@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 
-from distill.adapters.pixel import PixelUNetBackbone
-from distill.denoiser import VPDenoiser
-from distill.samplers import SAMPLERS, sample, steps_for_nfe
-from distill.schedule import EDMSchedule, VPSchedule, make_sigmas
+from distill.teachers.denoiser import VPDenoiser
+from distill.teachers.pixel import PixelUNetBackbone
+from distill.teachers.samplers import SAMPLERS, sample, steps_for_nfe
+from distill.teachers.schedule import EDMSchedule, VPSchedule, make_sigmas
 
 from .conftest import scheduler_config, tiny_unet_config
 

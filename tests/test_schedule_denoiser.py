@@ -1,11 +1,11 @@
-"""The sigma-space convention against closed forms (DESIGN.md §2)."""
+"""The sigma-space convention against closed forms (docs/design.md §2)."""
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, EDMEulerScheduler
 
-from distill.denoiser import EDMDenoiser, VPDenoiser, guided, vp_output_to_x0, vp_target
-from distill.schedule import EDMSchedule, VPSchedule, make_sigmas, sigmas_karras, vp_scalings
+from distill.teachers.denoiser import EDMDenoiser, VPDenoiser, guided, vp_output_to_x0, vp_target
+from distill.teachers.schedule import EDMSchedule, VPSchedule, make_sigmas, sigmas_karras, vp_scalings
 
 from .conftest import scheduler_config
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from distill.adapters import load_teacher
-from distill.adapters.sd3 import SD3TransformerBackbone
 from distill.bundle import load_bundle
 from distill.data import to_uint8
 from distill.dmd2 import DMD2Config, train_dmd2
 from distill.errors import UserError
 from distill.run import FLOW_4STEP, PRESETS, main
 from distill.sfd import SFDConfig, train_sfd
+from distill.teachers import load_teacher
+from distill.teachers.sd3 import SD3TransformerBackbone
 
 from .test_dmd2 import run_main
 from .tiny_sd import IMAGE_SIZE, T5_TOKENS, make_tiny_sd3_dir
@@ -138,7 +138,7 @@ def test_dmd2_smoke_bundle_and_from_pretrained(teacher, steps, tmp_path):
 
 
 def test_gan_tap_lays_the_middle_blocks_image_tokens_on_the_latent_grid(teacher):
-    from distill.gan_head import BottleneckTap
+    from distill.dmd2.fake_score import BottleneckTap
 
     net = teacher.denoiser.net
     tap = BottleneckTap(net)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from distill import run as run_cli
-from distill.adapters import load_teacher
 from distill.bundle import MANIFEST_NAME, load_bundle
 from distill.errors import UserError
 from distill.sfd import SFDConfig, afs_step, student_sigmas, teacher_sigmas, teacher_trajectory, train_sfd
+from distill.teachers import load_teacher
 
 from .conftest import make_tiny_pixel_dir
 from .test_dmd2 import log_records, run_main, unet_weights
@@ -26,7 +26,7 @@ def tiny_config(**kw) -> SFDConfig:
     return SFDConfig(**(base | kw))
 
 
-# DESIGN.md §4: the paper's student timestamps with AFS (sigma_max 80, sigma_min 0.006, rho 7).
+# docs/design.md §4: the paper's student timestamps with AFS (sigma_max 80, sigma_min 0.006, rho 7).
 PAPER = {2: [80, 10.93, 0.670, 0.006], 3: [80, 19.00, 3.107, 0.268, 0.006],
          4: [80, 25.96, 6.788, 1.289, 0.145, 0.006]}
 
@@ -113,7 +113,7 @@ def test_untrained_student_reproduces_its_teacher_euler_sampler(teacher_dir, tmp
 
 
 def test_resume_after_a_crash_is_exact(teacher_dir, tmp_path, monkeypatch):
-    from distill import sfd
+    import distill.sfd.train as sfd  # where the loop looks optimizer_step up
 
     straight = train_sfd(tiny_config(), load_teacher(teacher_dir), tmp_path / "a", progress=False)
     real_step, calls = sfd.optimizer_step, []
@@ -183,7 +183,7 @@ def test_run_cli_sfd_end_to_end(teacher_dir, tmp_path, capsys):
 
 
 def test_nfe_conditioned_student_starts_as_its_teacher(teacher_dir):
-    from distill.nfe_condition import NFEConditioned, NFEEmbedding, time_embed_dim
+    from distill.sfd.nfe_condition import NFEConditioned, NFEEmbedding, time_embed_dim
 
     teacher = load_teacher(teacher_dir)
     student = NFEConditioned(teacher.denoiser.net, NFEEmbedding(time_embed_dim(teacher.denoiser.net)))
@@ -198,7 +198,7 @@ def test_nfe_conditioned_student_starts_as_its_teacher(teacher_dir):
 
 
 def test_sfd_v_trains_one_student_for_several_nfes(teacher_dir, tmp_path):
-    from distill.nfe_condition import WEIGHTS_NAME
+    from distill.sfd.nfe_condition import WEIGHTS_NAME
 
     bundle_dir = train_sfd(tiny_config(nfes=(2, 3), steps=6), load_teacher(teacher_dir), tmp_path, progress=False)
     records = log_records(tmp_path)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from distill.adapters import load_teacher
 from distill.bundle import MANIFEST_NAME, load_bundle, write_bundle
 from distill.dmd2 import DMD2Config, train_dmd2
 from distill.errors import UserError
-from distill.samplers import sample
-from distill.schedule import make_sigmas
 from distill.sfd import SFDConfig, train_sfd
+from distill.teachers import load_teacher
+from distill.teachers.samplers import sample
+from distill.teachers.schedule import make_sigmas
 
 from .tiny_factory import make_factory_dir
 
@@ -208,8 +208,8 @@ def test_committed_flow_teacher_denoises_real_digits():
     """The embedded flow-matching teacher (a factory network) loads as a flow teacher and, at sigma 0.5 and 2,
     takes noisy held-out digits much closer to the clean ones than the noisy input is (a broken parameterization or
     weights would not)."""
-    from distill.data import load_digits_split
     from distill.digits import FLOW_TEACHER_DIR
+    from distill.digits.data import load_digits_split
 
     teacher = load_teacher(FLOW_TEACHER_DIR)
     assert teacher.denoiser.parameterization == "flow" and teacher.denoiser.prediction_type == "flow"
