@@ -31,30 +31,13 @@ def to_int8(src: Path, dst: Path, calibration: list[dict]) -> str:
     else:
         return to_int8_modelopt(src, dst, calibration)
     import onnxruntime
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(calibration)
-
-        def get_next(self):
-            return next(self.items, None)
-
-    prepared = dst.with_suffix(".prep.onnx")
-    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-    import onnx
+    from onnxruntime.quantization import QuantType
 
     # Only the heavy ops get Q/DQ (what TensorRT runs in int8); the timestep / class / NFE embeddings stay float:
-    # their inputs span 0..1000, which one symmetric int8 scale cannot hold.
-    graph = onnx.load(str(prepared)).graph
-    exclude = [n.name for n in graph.node if any(k in n.name for k in EMBEDDING_NODES)]
-    quantize_static(str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_exclude=exclude,
-                    # biases stay float: TensorRT fuses them itself and does not take int32-quantized biases
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
-    prepared.unlink()
+    # their inputs span 0..1000, which one symmetric int8 scale cannot hold. Biases stay float: TensorRT fuses them
+    # itself and does not take int32-quantized biases.
+    ort_quantize(src, dst, calibration, QuantType.QInt8, lambda node, weights: any(k in node.name for k in
+                 EMBEDDING_NODES), {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
     return f"onnxruntime {onnxruntime.__version__}"
 
 
@@ -106,6 +89,20 @@ def to_int8_cpu(src: Path, dst: Path, calibration: list[dict]) -> None:
       elementwise ops (QLinearAdd / QLinearMul are no faster than float Add / Mul);
     - the timestep / class / NFE embeddings stay float, as in int8, and so do the first and last convolution
       (FLOAT_ENDS): the parity error drops from 2.3 % to 1.5 % relative RMS at no measurable cost."""
+    from onnxruntime.quantization import QuantType
+
+    def keep_float(node, weights):
+        return (any(k in node.name for k in EMBEDDING_NODES + FLOAT_ENDS)
+                or node.op_type == "MatMul" and not weights.intersection(node.input))
+
+    ort_quantize(src, dst, calibration, QuantType.QUInt8, keep_float,
+                 {"ActivationSymmetric": False, "WeightSymmetric": True})
+
+
+def ort_quantize(src: Path, dst: Path, calibration: list[dict], activation_type, keep_float, options: dict) -> None:
+    """ONNX Runtime's static Q/DQ quantizer, the one call both int8 layouts make: shape pre-processing, then Q/DQ on
+    Conv / MatMul / Gemm with per-channel symmetric int8 weights and `activation_type` activations calibrated on
+    `calibration` (feeds), except the nodes `keep_float(node, initializer names)` picks."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -121,13 +118,14 @@ def to_int8_cpu(src: Path, dst: Path, calibration: list[dict]) -> None:
     quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
     graph = onnx.load(str(prepared)).graph
     weights = {i.name for i in graph.initializer}
-    exclude = [n.name for n in graph.node if any(k in n.name for k in EMBEDDING_NODES + FLOAT_ENDS)
-               or n.op_type == "MatMul" and not weights.intersection(n.input)]
-    quantize_static(str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_exclude=exclude,
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-    prepared.unlink()
+    exclude = [n.name for n in graph.node if keep_float(n, weights)]
+    try:
+        quantize_static(str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=activation_type, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_exclude=exclude,
+                        extra_options=options)
+    finally:
+        prepared.unlink(missing_ok=True)
 
 
 def calibration_inputs(bundle, nfes: list[int], batch: int = 16) -> list[dict]:
