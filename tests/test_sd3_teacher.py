@@ -275,3 +275,29 @@ def test_text_engines_run_without_torch(engines):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == f"(1, {IMAGE_SIZE}, {IMAGE_SIZE}, 3) []"
+
+
+def test_sd3_preset_end_to_end_with_lora_and_the_gan(folder, tmp_path, capsys):
+    """--preset sd3: a 4-step student in shifted flow time, LoRA on the generator (merged into the saved transformer,
+    which loads as a plain SD3Transformer2DModel), the GAN head on the middle joint block."""
+    from diffusers import SD3Transformer2DModel
+    from PIL import Image
+
+    data = tmp_path / "captioned"
+    data.mkdir()
+    for i, caption in enumerate(CAPTIONS):
+        pixels = (np.random.default_rng(i).random((IMAGE_SIZE, IMAGE_SIZE, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(caption)
+    out = tmp_path / "run"
+    argv = ["--preset", "sd3", "--teacher", str(folder), "--data", str(data), "--steps", "2", "--batch-size", "4",
+            "--set", "dfake_gen_update_ratio=1", "--set", "warmup=0", "--out", str(out), "--no-progress"]
+    code, stdout, err = run_main(main, argv, capsys)
+    assert code == 0, err
+    m = json.loads((out / "student" / "fewstep_student.json").read_text())
+    assert sorted(m["nfe"], key=int) == ["1", "4"] and m["nfe"]["4"]["timesteps"] == list(FLOW_4STEP)
+    assert m["training"]["lora_rank"] == 64 and m["training"]["use_gan"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_gan_g" in r for r in records) and any("loss_gan_d" in r for r in records)
+    plain = SD3Transformer2DModel.from_pretrained(out / "student" / "transformer")
+    assert not any("lora" in k for k in plain.state_dict())
