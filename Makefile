@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.fewstep-installed
 
-.PHONY: setup quickstart test lint clean chromium
+.PHONY: setup quickstart test lint clean chromium native-deps native
 
 setup: $(STAMP)
 
@@ -39,8 +39,22 @@ chromium:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
 		echo "note: Chromium is not installed and apt-get could not install it: the demo's browser test will be skipped"
 
-test: lint chromium
+# The native runtime's tests (tests/test_capi.py) build runtime/capi with CMake against OpenVINO's wheel and
+# nlohmann_json (a Debian package); where apt-get cannot install it, those tests are skipped.
+native-deps:
+	@test -f /usr/include/nlohmann/json.hpp || { command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -qq nlohmann-json3-dev || (apt-get update -qq && \
+		 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nlohmann-json3-dev)) >/dev/null 2>&1; } || \
+		echo "note: nlohmann-json3-dev is not installed and apt-get could not install it: the native runtime tests will be skipped"
+
+# libfewstep (the native runtime, runtime/capi) in build/capi, against the OpenVINO of .venv
+native: $(STAMP) native-deps
+	cmake -S runtime/capi -B build/capi -DCMAKE_BUILD_TYPE=Release \
+		-DOpenVINO_DIR=$$($(PY) -c "import openvino, pathlib; print(pathlib.Path(openvino.__file__).parent / 'cmake')")
+	cmake --build build/capi -j
+
+test: lint chromium native-deps
 	$(VENV)/bin/pytest
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs build .pytest_cache .ruff_cache

@@ -1,13 +1,15 @@
-// An example host of libfewstep (fewstep.h): open an engine folder, generate images for class labels and a
-// seed, write the raw bytes (and a PGM/PPM strip to look at), print the latency.
+// The test host of libfewstep (fewstep.h, ABI 2; example/minimal.cpp is the program a service writes): open an
+// engine folder, generate images for class labels and a seed, write the raw bytes (and a PGM/PPM strip to look at),
+// print the latency.
 //
 //   fewstep_host ENGINE_DIR [--labels 0,1,2] [--n N] [--seed S] [--nfe K] [--backend B] [--precision P]
-//                [--out images.u8] [--pnm images.pgm] [--repeat R] [--threads T] [--check-recovery]
+//                [--cpu-threads C] [--out images.u8] [--pnm images.pgm] [--repeat R] [--threads T]
+//                [--check-recovery]
 //
 // --out: (N, H, W, C) uint8, row-major, no header. --repeat: time R calls. --threads: T host threads generate
 // the same request at once and must get the same bytes. --check-recovery: bad calls (label out of range, n = 0,
-// a buffer one byte short, an NFE the engine does not serve) must fail with a message, then the engine must
-// still generate the same bytes. Exit status: 0 ok, 1 a fewstep call failed (the message on stderr), 2 bad
+// a buffer one byte short, an NFE the engine does not serve, NULL params, non-finite caller noise) must fail with
+// a message, then the engine must still generate the same bytes. Exit status: 0 ok, 1 a fewstep call failed (the message on stderr), 2 bad
 // arguments, 3 a check of --threads / --check-recovery failed.
 
 #include <algorithm>
@@ -16,6 +18,7 @@
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -27,14 +30,15 @@ namespace {
 struct Options {
     std::string engine, backend = "auto", precision = "fp32", out, pnm;
     std::vector<int64_t> labels;
-    int32_t n = 0, nfe = 0, repeat = 1, threads = 1;
+    int32_t n = 0, nfe = 0, repeat = 1, threads = 1, cpu_threads = 0;
     uint64_t seed = 0;
     bool check_recovery = false;
 };
 
 int usage(const std::string& why) {
     std::cerr << "error: " << why << "\nusage: fewstep_host ENGINE_DIR [--labels 0,1,2] [--n N] [--seed S] "
-              << "[--nfe K] [--backend B] [--precision P] [--out FILE] [--pnm FILE] [--repeat R] [--threads T] "
+              << "[--nfe K] [--backend B] [--precision P] [--cpu-threads C] [--out FILE] [--pnm FILE] [--repeat R] "
+              << "[--threads T] "
               << "[--check-recovery]\n";
     return 2;
 }
@@ -63,6 +67,7 @@ bool parse(int argc, char** argv, Options& o, std::string& why) {
             else if (a == "--pnm") o.pnm = value();
             else if (a == "--repeat") o.repeat = std::max(1, std::stoi(value()));
             else if (a == "--threads") o.threads = std::max(1, std::stoi(value()));
+            else if (a == "--cpu-threads") o.cpu_threads = std::max(0, std::stoi(value()));
             else if (a == "--check-recovery") o.check_recovery = true;
             else if (!a.empty() && a[0] == '-') throw std::invalid_argument("unknown option " + a);
             else if (o.engine.empty()) o.engine = a;
@@ -100,7 +105,7 @@ int main(int argc, char** argv) {
     std::string why;
     if (!parse(argc, argv, o, why)) return usage(why);
 
-    fewstep_engine* engine = fewstep_open(o.engine.c_str(), o.backend.c_str(), o.precision.c_str());
+    fewstep_context* engine = fewstep_open(o.engine.c_str(), o.backend.c_str(), o.precision.c_str(), o.cpu_threads);
     if (!engine) return fewstep_failed("open");
     int32_t h = 0, w = 0, c = 0;
     fewstep_image_shape(engine, &h, &w, &c);
@@ -116,9 +121,20 @@ int main(int argc, char** argv) {
 
     const size_t bytes = (size_t)std::max(n, 0) * h * w * c;
     std::vector<uint8_t> images(std::max<size_t>(bytes, 1));
+    auto request = [&](const int64_t* labels_, int32_t n_, int32_t nfe_, const float* noise_) {
+        fewstep_params p;
+        fewstep_params_init(&p);
+        p.labels = labels_;
+        p.n = n_;
+        p.nfe = nfe_;
+        p.seed = o.seed;
+        p.noise = noise_;
+        return p;
+    };
+    const fewstep_params params = request(label_ptr, n, o.nfe, nullptr);
     std::vector<double> ms;
     for (int r = 0; r < o.repeat; ++r) {
-        if (fewstep_generate(engine, label_ptr, n, o.nfe, o.seed, images.data(), bytes) != FEWSTEP_OK) {
+        if (fewstep_generate(engine, &params, images.data(), bytes) != FEWSTEP_OK) {
             int code = fewstep_failed("generate");
             fewstep_close(engine);
             return code;
@@ -140,8 +156,7 @@ int main(int argc, char** argv) {
         std::vector<int> codes(o.threads);
         std::vector<std::thread> pool;
         for (int t = 0; t < o.threads; ++t)
-            pool.emplace_back([&, t] { codes[t] = fewstep_generate(engine, label_ptr, n, o.nfe, o.seed,
-                                                                    got[t].data(), bytes); });
+            pool.emplace_back([&, t] { codes[t] = fewstep_generate(engine, &params, got[t].data(), bytes); });
         for (auto& t : pool) t.join();
         bool same = true;
         for (int t = 0; t < o.threads; ++t) same = same && codes[t] == FEWSTEP_OK && got[t] == images;
@@ -153,20 +168,26 @@ int main(int argc, char** argv) {
         std::vector<uint8_t> again(bytes);
         std::vector<int64_t> bad(labels);
         if (!bad.empty()) bad[0] = classes;  // one past the last class
-        struct Case { const char* name; const int64_t* labels; int32_t n, nfe; size_t size; int want; };
-        std::vector<Case> cases = {{"n = 0", label_ptr, 0, o.nfe, bytes, FEWSTEP_ERROR_INPUT},
-                                   {"buffer one byte short", label_ptr, n, o.nfe, bytes - 1, FEWSTEP_ERROR_BUFFER},
-                                   {"nfe 99", label_ptr, n, 99, bytes, FEWSTEP_ERROR_INPUT}};
+        std::vector<float> nan_noise((size_t)n * std::max(fewstep_draws(engine, o.nfe), 1) * h * w * c, 0.0f);
+        nan_noise[nan_noise.size() / 2] = std::numeric_limits<float>::quiet_NaN();
+        struct Case { const char* name; fewstep_params params; size_t size; int want; bool null_params; };
+        std::vector<Case> cases = {
+            {"n = 0", request(label_ptr, 0, o.nfe, nullptr), bytes, FEWSTEP_ERROR_INPUT, false},
+            {"buffer one byte short", params, bytes - 1, FEWSTEP_ERROR_BUFFER, false},
+            {"nfe 99", request(label_ptr, n, 99, nullptr), bytes, FEWSTEP_ERROR_INPUT, false},
+            {"NULL params", params, bytes, FEWSTEP_ERROR_INPUT, true},
+            {"non-finite noise", request(label_ptr, n, o.nfe, nan_noise.data()), bytes, FEWSTEP_ERROR_INPUT, false}};
         if (classes > 0)
-            cases.insert(cases.begin(), {"label out of range", bad.data(), n, o.nfe, bytes, FEWSTEP_ERROR_INPUT});
+            cases.insert(cases.begin(), {"label out of range", request(bad.data(), n, o.nfe, nullptr), bytes,
+                                         FEWSTEP_ERROR_INPUT, false});
         for (const Case& k : cases) {
-            int code = fewstep_generate(engine, k.labels, k.n, k.nfe, o.seed, again.data(), k.size);
+            int code = fewstep_generate(engine, k.null_params ? nullptr : &k.params, again.data(), k.size);
             bool ok = code == k.want && std::strlen(fewstep_last_error()) > 0;
             std::cout << "recovery: " << k.name << " -> status " << code << ": " << fewstep_last_error()
                       << (ok ? "" : "  [UNEXPECTED]") << "\n";
             if (!ok) status = 3;
         }
-        int code = fewstep_generate(engine, label_ptr, n, o.nfe, o.seed, again.data(), bytes);
+        int code = fewstep_generate(engine, &params, again.data(), bytes);
         bool same = code == FEWSTEP_OK && again == images;
         std::cout << "recovery: the engine " << (same ? "still generates the same bytes" : "FAILED afterwards")
                   << "\n";
