@@ -4,6 +4,7 @@ GPU are present, the real build: fp32 and fp16 plans at batch 1:2:4, parity with
 read back. Tiny models only; nothing here stands in for TensorRT."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -94,6 +95,27 @@ def test_without_tensorrt_writes_the_onnx_folder_and_says_how_to_install(bundle,
     assert all((out / f["path"]).is_file() for f in manifest["files"].values())
     assert not list(out.glob("*.plan*")) and not list(out.glob("*.tmp"))
     assert not (tmp_path / "engine.tmp").exists()
+
+
+@pytest.mark.skipif(TENSORRT_MISSING is None, reason="TensorRT is installed; this checks the command without it")
+def test_without_bundle_it_exports_the_quickstart_or_the_embedded_student_and_says_which(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """`python -m export.trt --nfe 4`, exactly as users type it: no --bundle takes runs/quickstart/student where
+    `make quickstart` made one, else the embedded digits student (its engine under runs/, not in the package)."""
+    from distill.digits import STUDENT_DIR
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(export_trt.main, ["--nfe", "1"], capsys)
+    assert code == 2 and "error: TensorRT is not installed" in err, err
+    assert f"no --bundle: exporting the embedded digits student ({STUDENT_DIR}" in out
+    assert (tmp_path / "runs" / "embedded" / "engine" / ENGINE_MANIFEST).exists()
+
+    quickstart = tmp_path / "runs" / "quickstart" / "student"
+    shutil.copytree(STUDENT_DIR, quickstart)  # a 1-NFE student standing in for the quickstart's
+    code, out, err = run_main(export_trt.main, ["--nfe", "4"], capsys)
+    assert "no --bundle: exporting the quickstart student (runs/quickstart/student" in out
+    assert code == 2 and "--nfe 4: the sfd-1 student runs/quickstart/student serves NFE 1" in err, err
+    assert "--preset digits-4step" in err and not (tmp_path / "runs" / "quickstart" / "engine").exists()
 
 
 def tensorrt_with_gpu():
