@@ -4,7 +4,6 @@ the file (ONNX Runtime, or OpenVINO where the file is served there), so the gate
 runtime's loop is the student's loop is the runtime's own test (tests/test_runtime.py, golden vectors)."""
 
 import importlib.util
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ def file_denoiser(bundle, run):
 def runner_for(path: Path, entry: dict, backend: str | None):
     """How a file is run: OpenVINO where the entry says it is served there (bf16) or `backend` asks for it."""
     if backend == "openvino-cpu" or entry.get("backend") == "openvino-cpu":
-        return partial(openvino_runner, inference_precision=entry.get("inference_precision", "f32"))(path)
+        return openvino_runner(path, entry.get("inference_precision", "f32"))
     return onnxruntime_runner(path)
 
 
