@@ -14,13 +14,10 @@ import pytest
 
 pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
 
-from distill.dmd2 import DMD2Config, train_dmd2  # noqa: E402
-from distill.teachers import load_teacher  # noqa: E402
-from export.onnx import ENGINE_MANIFEST, export_onnx  # noqa: E402
+from export.onnx import ENGINE_MANIFEST  # noqa: E402
 from runtime import Pipeline, UserError  # noqa: E402
 from runtime.golden import write_golden  # noqa: E402
 
-from .conftest import make_tiny_pixel_dir  # noqa: E402
 from .test_golden import export_tiny_engines  # noqa: E402
 
 CAPI = Path(__file__).resolve().parents[1] / "runtime" / "capi"
@@ -69,13 +66,7 @@ def build(tmp_path_factory) -> Path:
 def engines(tmp_path_factory):
     """The golden tests' tiny class engines (DMD2 serving NFE 1 and 2; SFD-v, NFE 2 and 3) and an unconditional
     1-step DMD2 engine."""
-    root = tmp_path_factory.mktemp("capi_engines")
-    out = export_tiny_engines(root)
-    teacher = load_teacher(make_tiny_pixel_dir(root / "uncond_teacher"))
-    student = train_dmd2(DMD2Config(steps=1, batch_size=2, use_gan=False, warmup=0, lr_generator=1e-3,
-                                    lr_fake=1e-3), teacher, None, root / "uncond", progress=False)
-    out["uncond"] = export_onnx(student, root / "uncond_engine", quality_samples=False)
-    return out
+    return export_tiny_engines(tmp_path_factory.mktemp("capi_engines"), unconditional=True)
 
 
 def run_host(build: Path, *args) -> subprocess.CompletedProcess:

@@ -25,16 +25,23 @@ from .conftest import make_tiny_pixel_dir  # noqa: E402
 from .test_dmd2 import run_main  # noqa: E402
 
 
-def export_tiny_engines(root: Path) -> dict[str, Path]:
-    """Engine folders of a tiny 3-class teacher's students: DMD2 (NFE 1, 2; serves 2) and SFD-v (NFE 2, 3, AFS)."""
+def export_tiny_engines(root: Path, unconditional: bool = False) -> dict[str, Path]:
+    """Engine folders of a tiny 3-class teacher's students: DMD2 (NFE 1, 2; serves 2) and SFD-v (NFE 2, 3, AFS);
+    with `unconditional`, also "uncond": a 1-step DMD2 student of an unconditional teacher."""
     teacher_dir = make_tiny_pixel_dir(root / "teacher", num_classes=3)
     dmd2 = train_dmd2(DMD2Config(steps=1, batch_size=2, student_timesteps=(999, 499), use_gan=False, warmup=0,
                                  lr_generator=1e-3, lr_fake=1e-3), load_teacher(teacher_dir), None, root / "dmd2",
                       progress=False)
     sfdv = train_sfd(SFDConfig(nfes=(2, 3), steps=2, batch_size=2, lr=1e-3), load_teacher(teacher_dir), root / "sfdv",
                      progress=False)
-    return {"dmd2": export_onnx(dmd2, root / "dmd2_engine", nfe=2, quality_samples=False),
-            "sfd-v": export_onnx(sfdv, root / "sfdv_engine", nfe=3, quality_samples=False)}
+    out = {"dmd2": export_onnx(dmd2, root / "dmd2_engine", nfe=2, quality_samples=False),
+           "sfd-v": export_onnx(sfdv, root / "sfdv_engine", nfe=3, quality_samples=False)}
+    if unconditional:
+        student = train_dmd2(DMD2Config(steps=1, batch_size=2, use_gan=False, warmup=0, lr_generator=1e-3,
+                                        lr_fake=1e-3), load_teacher(make_tiny_pixel_dir(root / "uncond_teacher")),
+                             None, root / "uncond", progress=False)
+        out["uncond"] = export_onnx(student, root / "uncond_engine", quality_samples=False)
+    return out
 
 
 @pytest.fixture(scope="module")
