@@ -28,6 +28,7 @@ from .int8 import calibration_inputs, to_int8, to_int8_cpu
 from .manifest import ENGINE_MANIFEST, engine_manifest, step_coefficients
 from .parity import checked_file
 from .quality import openvino_serves, quality_gate
+from .sampler import write_sampler
 
 # What export_onnx makes, and the names other modules and tests import from here
 PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu", "bf16")
@@ -135,6 +136,8 @@ def main(argv=None):
                                                         "(fp32 is always built first)")
     p.add_argument("--teacher", type=Path, help="latent students: the teacher folder whose text encoders, VAE and "
                                                 "tokenizers go into the engine (default: the one the bundle names)")
+    p.add_argument("--sampler-graph", action="store_true",
+                   help="also write the whole sampler as one ONNX graph per precision (export/sampler.py)")
     args = p.parse_args(argv)
     bundle, out = chosen_bundle(args.bundle, args.out)
     precisions = tuple(s.strip() for s in args.precision.split(",") if s.strip())
@@ -149,6 +152,9 @@ def main(argv=None):
                   f"{q['fd_pytorch_fp32']:.4f} "
                   f"({100 * q['fd_change']:+.1f}%), class accuracy {100 * q['accuracy']:.1f}%")
     print(f"engine manifest: {out / ENGINE_MANIFEST} (NFE {manifest['schedule']['nfe']})")
+    if args.sampler_graph:
+        for precision in [p for p in precisions if p != "bf16"]:
+            print(f"{write_sampler(out, manifest['schedule']['nfe'], precision)}: the whole sampler in one graph")
 
 
 if __name__ == "__main__":

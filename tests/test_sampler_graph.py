@@ -99,3 +99,15 @@ def test_bad_requests_are_clear_errors(engines, tmp_path, capsys):
     assert code == 2 and "not an engine folder" in err and len(err.strip().splitlines()) == 1
     code, out, _ = run_main(sampler_cli.main, ["--engine", str(engines["dmd2"]), "--nfe", "1,2"], capsys)
     assert code == 0 and "sampler_nfe1_fp32.onnx" in out and "sampler_nfe2_fp32.onnx" in out
+
+
+def test_export_onnx_writes_the_sampler_graph_on_request(engines, tmp_path, capsys):
+    from export import onnx as export_cli
+
+    bundle = json.loads((engines["dmd2"] / ENGINE_MANIFEST).read_text())["student"]["bundle"]
+    out = tmp_path / "engine"
+    code, stdout, err = run_main(export_cli.main, ["--bundle", bundle, "--out", str(out), "--sampler-graph"], capsys)
+    assert code == 0, err
+    manifest = json.loads((out / ENGINE_MANIFEST).read_text())
+    assert manifest["samplers"]["2"]["fp32"]["path"] == "sampler_nfe2_fp32.onnx"
+    assert (out / "sampler_nfe2_fp32.onnx").is_file() and "the whole sampler in one graph" in stdout
