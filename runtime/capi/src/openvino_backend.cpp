@@ -40,20 +40,17 @@ public:
         Slot& slot = slot_for(feed.batch);
         ov::InferRequest request = take(slot);
         try {
-            std::vector<size_t> x_shape{static_cast<size_t>(feed.batch)};
-            for (int64_t d : feed.x_shape) x_shape.push_back(static_cast<size_t>(d));
-            ov::Shape vec{static_cast<size_t>(feed.batch)};
+            // Copy into the request's own input tensors: wrapping the caller's memory with set_tensor on every
+            // call made OpenVINO re-check the tensors each time (measurable at batch 1); the inputs are small.
+            const size_t n = static_cast<size_t>(feed.batch);
+            size_t x_size = n;
+            for (int64_t d : feed.x_shape) x_size *= static_cast<size_t>(d);
             for (const std::string& name : inputs_) {
-                if (name == "x")
-                    request.set_tensor(name, ov::Tensor(ov::element::f32, x_shape, const_cast<float*>(feed.x)));
-                else if (name == "sigma")
-                    request.set_tensor(name, ov::Tensor(ov::element::f32, vec, const_cast<float*>(feed.sigma)));
-                else if (name == "timestep")
-                    request.set_tensor(name, ov::Tensor(ov::element::f32, vec, const_cast<float*>(feed.timestep)));
-                else if (name == "class_labels")
-                    request.set_tensor(name, ov::Tensor(ov::element::i64, vec, const_cast<int64_t*>(feed.class_labels)));
-                else if (name == "nfe")
-                    request.set_tensor(name, ov::Tensor(ov::element::i64, vec, const_cast<int64_t*>(feed.nfe)));
+                if (name == "x") fill(request, name, feed.x, x_size);
+                else if (name == "sigma") fill(request, name, feed.sigma, n);
+                else if (name == "timestep") fill(request, name, feed.timestep, n);
+                else if (name == "class_labels") fill(request, name, feed.class_labels, n);
+                else if (name == "nfe") fill(request, name, feed.nfe, n);
             }
             request.infer();
             const ov::Tensor out = request.get_output_tensor(0);
@@ -67,6 +64,13 @@ public:
     }
 
 private:
+    template <typename T>
+    static void fill(ov::InferRequest& request, const std::string& name, const T* data, size_t count) {
+        ov::Tensor tensor = request.get_tensor(name);
+        if (tensor.get_size() != count) throw Error(3, "OpenVINO input " + name + " has an unexpected size");
+        std::copy(data, data + count, tensor.data<T>());
+    }
+
     struct Slot {
         ov::CompiledModel compiled;
         std::vector<ov::InferRequest> idle;
