@@ -14,8 +14,10 @@ a PyTriton callable fails every request of the batch together. The same model go
 """
 
 import argparse
+import os
 import signal
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -26,6 +28,18 @@ from .pipeline import BACKENDS
 from .triton import python_model
 
 
+def use_this_libpython() -> None:
+    """Put this interpreter's libpython first on the library path of the processes started from here. Triton's
+    Python backend runs models in a stub linked against libpython3.X.so, which the dynamic loader takes from the
+    first place it finds one; where the system has another build of the same version (a distribution's beside
+    pyenv's or conda's), the stub would run this interpreter's standard library on the other's libpython, and
+    extension modules built for this one fail to import (seen: ssl, "undefined symbol")."""
+    libdir, name = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
+    if libdir and name and (Path(libdir) / name).exists():
+        paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p and p != libdir]
+        os.environ["LD_LIBRARY_PATH"] = ":".join([libdir, *paths])
+
+
 def triton_server(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, strict: bool = True):
     """A PyTriton Triton (not started) serving the model repository `repo`; not `strict`: it starts and serves the
     models that load even when others in the repository fail to."""
@@ -34,6 +48,7 @@ def triton_server(repo: Path, host: str, http_port: int, grpc_port: int, metrics
     except ImportError:
         raise UserError("serving needs NVIDIA's PyTriton (it ships tritonserver): pip install \"fewstep[serve]\" "
                         "(Linux only)") from None
+    use_this_libpython()
     config = TritonConfig(model_repository=repo, http_address=host, http_port=http_port, grpc_address=host,
                           grpc_port=grpc_port, metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=5,
                           log_verbose=0, exit_on_error=strict, strict_readiness=strict)

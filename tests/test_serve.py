@@ -3,11 +3,13 @@ for the same seeds, a wrong request gets its own error and the server keeps serv
 concurrent requests; the repositories `python -m runtime.triton` writes parse as Triton model configs, match the
 ONNX files, and their Python-backend model serves in the same tritonserver binary."""
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -46,19 +48,22 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def wait_ready(url: str, process: subprocess.Popen | None = None, timeout: float = 120) -> None:
+def wait_ready(url: str, process: subprocess.Popen | None = None, log=None, timeout: float = 60) -> None:
     client = httpclient.InferenceServerClient(url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"the server exited ({process.returncode}): {process.stdout.read()[-3000:]}")
+            log.seek(0)
+            raise AssertionError(f"the server exited ({process.returncode}): {log.read()[-3000:]}")
         try:
             if client.is_server_ready() and client.is_model_ready("fewstep"):
                 return
         except Exception:  # not listening yet
             pass
         time.sleep(0.5)
-    raise AssertionError(f"no server at {url} after {timeout} s")
+    if log is not None:
+        log.seek(0)
+    raise AssertionError(f"no server at {url} after {timeout} s" + (f": {log.read()[-3000:]}" if log else ""))
 
 
 def infer(client, module, labels, seeds, label_dtype="INT64"):
@@ -81,17 +86,17 @@ def engines(tmp_path_factory):
     return export_tiny_engines(tmp_path_factory.mktemp("serve"), unconditional=True)
 
 
-@pytest.fixture(scope="module")
-def server(engines):
-    """python -m runtime.serve on the tiny DMD2 engine, on free loopback ports: (http url, grpc url, metrics url)."""
+@contextlib.contextmanager
+def serving(engine: Path, *flags: str):
+    """python -m runtime.serve on `engine`, on free loopback ports: (http url, grpc url, metrics url)."""
     http, grpc, metrics = free_ports(3)
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads tritonserver's log while it serves
     process = subprocess.Popen(
-        [sys.executable, "-m", "runtime.serve", "--engine", str(engines["dmd2"]), "--backend", "onnxruntime-cpu",
-         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-batch", "16",
-         "--queue-delay-us", "20000"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
+        [sys.executable, "-m", "runtime.serve", "--engine", str(engine), "--backend", "onnxruntime-cpu",
+         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), *flags],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
     try:
-        wait_ready(f"127.0.0.1:{http}", process)
+        wait_ready(f"127.0.0.1:{http}", process, log)
         yield f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics"
     finally:
         process.send_signal(signal.SIGINT)
@@ -99,6 +104,14 @@ def server(engines):
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(engines):
+    """runtime.serve on the tiny DMD2 engine, batches up to 16, the batcher waiting up to 20 ms."""
+    with serving(engines["dmd2"], "--max-batch", "16", "--queue-delay-us", "20000") as urls:
+        yield urls
 
 
 def test_http_and_grpc_answer_the_runtimes_images(engines, server):
@@ -217,3 +230,23 @@ def test_the_generated_python_model_serves_in_tritonserver(engines, tmp_path):
         got = infer(client, httpclient, None, [4, 4, 4])
         np.testing.assert_array_equal(got, Pipeline.load(engine, "onnxruntime-cpu").generate(n=3, seed=4).images)
         assert not client.is_model_ready("fewstep_sampler_nfe1_onnx")
+
+
+def test_text_to_image_engines_serve_prompts(tmp_path):
+    """A tiny SD 1.5-layout engine: prompts as BYTES rows, the runtime's images for the same seeds."""
+    from export.onnx import export_onnx
+
+    from .test_export_latent import train_student
+
+    engine = export_onnx(train_student(tmp_path, "sd15"), tmp_path / "engine")
+    prompts = ["a photo of a cat", "blue noise"]
+    want = Pipeline.load(engine, "onnxruntime-cpu").generate(prompts, seed=4).images
+    with serving(engine) as (http, _, _):
+        client = httpclient.InferenceServerClient(http)
+        text = httpclient.InferInput("prompt", [2, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[p.encode()] for p in prompts], dtype=object))
+        seed = httpclient.InferInput("seed", [2, 1], "INT64")
+        seed.set_data_from_numpy(np.full((2, 1), 4, np.int64))
+        np.testing.assert_array_equal(client.infer("fewstep", [text, seed]).as_numpy("images"), want)
+        with pytest.raises(InferenceServerException, match="class_labels"):  # not an input of a text model
+            infer(client, httpclient, [1], [4])
