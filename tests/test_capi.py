@@ -5,6 +5,7 @@ host threads get the same bytes; the library links no libpython; a service build
 with find_package(fewstep)."""
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -46,6 +47,10 @@ def missing_toolchain() -> str | None:
     return None
 
 
+# An ONNX Runtime C package (include/onnxruntime_cxx_api.h, lib/libonnxruntime.so) to build that backend against
+ORT_ROOT = os.environ.get("ONNXRUNTIME_ROOT")
+
+
 def cmake(*args: str) -> None:
     done = subprocess.run(["cmake", *args], capture_output=True, text=True)
     assert done.returncode == 0, f"cmake {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -57,7 +62,9 @@ def build(tmp_path_factory) -> Path:
     if why:
         pytest.skip(f"cannot build the native runtime: {why}")
     build = tmp_path_factory.mktemp("capi_build")
-    cmake("-S", str(CAPI), "-B", str(build), f"-DOpenVINO_DIR={openvino_cmake_dir()}", "-DCMAKE_BUILD_TYPE=Release")
+    ort = [f"-Donnxruntime_ROOT={ORT_ROOT}", "-DFEWSTEP_ONNXRUNTIME=ON"] if ORT_ROOT else ["-DFEWSTEP_ONNXRUNTIME=OFF"]
+    cmake("-S", str(CAPI), "-B", str(build), f"-DOpenVINO_DIR={openvino_cmake_dir()}", "-DCMAKE_BUILD_TYPE=Release",
+          *ort)
     cmake("--build", str(build), "-j", "2")
     return build
 
@@ -121,6 +128,24 @@ def test_threads_and_recovery_after_errors(build, engines):
     assert "latency_ms: first" in lines
 
 
+@pytest.mark.skipif(not ORT_ROOT, reason="no ONNX Runtime C package: set ONNXRUNTIME_ROOT to one (its include/ and "
+                                          "lib/, as in ONNX Runtime's release archives) to build and test that backend")
+@pytest.mark.parametrize("kind,nfe", [("dmd2", 2), ("sfd-v", 3), ("uncond", 1)])
+def test_onnxruntime_backend_agrees_with_the_python_runtime(build, engines, tmp_path, kind, nfe):
+    labels = None if kind == "uncond" else [2, 0, 1, 1, 2]
+    out = tmp_path / "images.u8"
+    args = ["--n", 5] if labels is None else ["--labels", ",".join(map(str, labels))]
+    done = run_host(build, engines[kind], *args, "--seed", 77, "--nfe", nfe, "--backend", "onnxruntime-cpu",
+                    "--out", out)
+    assert done.returncode == 0, done.stderr
+    want = Pipeline.load(engines[kind], "onnxruntime-cpu").generate(labels, n=None if labels else 5, seed=77,
+                                                                    nfe=nfe).images
+    got = np.frombuffer(out.read_bytes(), np.uint8).reshape(want.shape)
+    # the same loop; the network's floats are ONNX Runtime's in both, from two builds that may differ in version
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
 def test_bad_engines_are_a_status_and_one_line(build, engines, tmp_path):
     with pytest.raises(UserError) as python_error:
         Pipeline.load(engines["dmd2"]).generate([0, 3], seed=0)
@@ -142,6 +167,9 @@ def test_bad_engines_are_a_status_and_one_line(build, engines, tmp_path):
     assert done.returncode == 1 and "served by the Python runtime only" in done.stderr, done.stderr
     done = run_host(build, engines["dmd2"], "--backend", "tensorrt")
     assert done.returncode == 1 and "built without TensorRT" in done.stderr, done.stderr
+    if not ORT_ROOT:
+        done = run_host(build, engines["dmd2"], "--backend", "onnxruntime-cpu")
+        assert done.returncode == 1 and "built without ONNX Runtime" in done.stderr, done.stderr
     done = run_host(build, engines["dmd2"], "--precision", "int8")
     assert done.returncode == 1 and "has no int8 ONNX file; precisions here: fp32" in done.stderr, done.stderr
     done = run_host(build, engines["sfd-v"], "--seed", 2**63)

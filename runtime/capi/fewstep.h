@@ -61,8 +61,9 @@ typedef void (*fewstep_progress_fn)(int32_t step, int32_t steps, void* user_data
 FEWSTEP_API void fewstep_set_log(fewstep_log_fn log, void* user_data);
 
 /* Open an engine folder. backend: "auto" or NULL (TensorRT where this build has it and the folder has a plan,
- * else OpenVINO), "openvino-cpu", "tensorrt"; precision: "fp32" or NULL, "fp16", "int8", "int8-cpu", "bf16" (a
- * file the folder has); threads: the backend's CPU threads, 0 for its default. NULL on failure. */
+ * else OpenVINO), "openvino-cpu", "onnxruntime-cpu" (where this build has ONNX Runtime's C API), "tensorrt";
+ * precision: "fp32" or NULL, "fp16", "int8", "int8-cpu", "bf16" (a file the folder has); threads: the backend's
+ * CPU threads, 0 for its default. NULL on failure. */
 FEWSTEP_API fewstep_context* fewstep_open(const char* engine_dir, const char* backend, const char* precision,
                                           int32_t threads);
 
@@ -93,7 +94,8 @@ FEWSTEP_API int32_t fewstep_num_classes(const fewstep_context* ctx);
  * engine does not serve that NFE. */
 FEWSTEP_API int32_t fewstep_draws(const fewstep_context* ctx, int32_t nfe);
 
-/* The backend in use ("openvino-cpu", "tensorrt"); "" for NULL. Valid while the context is open. */
+/* The backend in use ("openvino-cpu", "onnxruntime-cpu", "tensorrt"); "" for NULL. Valid while the context is
+ * open. */
 FEWSTEP_API const char* fewstep_backend(const fewstep_context* ctx);
 
 /* Wall-clock milliseconds of this thread's last successful fewstep_generate() (the whole call), 0 before one. */

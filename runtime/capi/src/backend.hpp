@@ -39,6 +39,10 @@ public:
 
 std::unique_ptr<Backend> open_openvino(const std::string& onnx_path, const std::string& inference_precision,
                                        int32_t threads, const std::vector<std::string>& inputs);
+#ifdef FEWSTEP_WITH_ONNXRUNTIME
+std::unique_ptr<Backend> open_onnxruntime(const std::string& onnx_path, int32_t threads,
+                                          const std::vector<std::string>& inputs);
+#endif
 #ifdef FEWSTEP_WITH_TENSORRT
 std::unique_ptr<Backend> open_tensorrt(const std::string& plan_path, const std::vector<std::string>& inputs);
 #endif

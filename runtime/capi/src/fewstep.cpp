@@ -271,8 +271,14 @@ std::unique_ptr<Backend> open_backend(const Manifest& m, const std::string& dir,
                                                    "TensorRT headers and libraries); use backend openvino-cpu");
 #endif
     }
-    if (backend != "auto" && backend != "openvino-cpu" && backend != "tensorrt")
-        throw Error(FEWSTEP_ERROR_INPUT, "unknown backend '" + backend + "'; choose auto, openvino-cpu or tensorrt");
+    if (backend != "auto" && backend != "openvino-cpu" && backend != "onnxruntime-cpu" && backend != "tensorrt")
+        throw Error(FEWSTEP_ERROR_INPUT, "unknown backend '" + backend + "'; choose auto, openvino-cpu, onnxruntime-cpu "
+                                         "or tensorrt");
+#ifndef FEWSTEP_WITH_ONNXRUNTIME
+    if (backend == "onnxruntime-cpu")
+        throw Error(FEWSTEP_ERROR_UNSUPPORTED, "this libfewstep was built without ONNX Runtime (configure CMake with "
+                                               "-Donnxruntime_ROOT=<an ONNX Runtime C package>); use openvino-cpu");
+#endif
     if (!files.contains(precision) || files[precision]["path"].get<std::string>().find(".onnx") == std::string::npos) {
         std::string have;
         for (auto it = files.begin(); it != files.end(); ++it)
@@ -282,6 +288,14 @@ std::unique_ptr<Backend> open_backend(const Manifest& m, const std::string& dir,
     }
     const json& entry = files[precision];
     const std::string file = dir + "/" + entry["path"].get<std::string>();
+#ifdef FEWSTEP_WITH_ONNXRUNTIME
+    if (backend == "onnxruntime-cpu") {
+        if (entry.contains("backend"))  // bf16: the fp32 file in OpenVINO's bf16 kernels
+            throw Error(FEWSTEP_ERROR_INPUT, dir + "'s " + precision + " runs on backend " +
+                                                 entry["backend"].get<std::string>() + ", not onnxruntime-cpu");
+        return open_onnxruntime(file, threads, m.inputs);
+    }
+#endif
     return open_openvino(file, entry.value("inference_precision", std::string("f32")), threads, m.inputs);
 }
 
