@@ -25,7 +25,7 @@ from fewstep.errors import UserError, cli_main
 
 from .manifest import read_manifest
 from .pipeline import BACKENDS
-from .triton import python_model
+from .triton import check_serving, python_model
 
 
 def use_this_libpython() -> None:
@@ -72,12 +72,7 @@ def main(argv=None):
                    help="how long the batcher waits for more requests (default 2000 µs)")
     args = p.parse_args(argv)
     manifest = read_manifest(args.engine)
-    if args.nfe is not None and str(args.nfe) not in manifest["schedules"]:
-        raise UserError(f"--nfe {args.nfe}: this engine serves NFE "
-                        f"{', '.join(sorted(manifest['schedules'], key=int))}")
-    limit = manifest.get("max_batch")
-    if not 1 <= args.max_batch <= (limit or args.max_batch):
-        raise UserError(f"--max-batch must lie in 1..{limit or 'any'} for this engine; got {args.max_batch}")
+    check_serving(manifest, args.nfe, args.max_batch)
     with tempfile.TemporaryDirectory(prefix="fewstep-triton-") as tmp:
         repo = Path(tmp)
         python_model(repo, args.engine, manifest, copy_engine=False, backend=args.backend, precision=args.precision,

@@ -128,17 +128,24 @@ def trt_build_note(name: str, entry: dict, max_batch: int, precision: str) -> st
             f"    --maxShapes={shapes(max_batch)}\n")
 
 
+def check_serving(manifest: dict, nfe: int | None, max_batch: int) -> int:
+    """The NFE to serve (the engine's default for None); UserError for an NFE or a batch limit it cannot serve."""
+    nfe = manifest["schedule"]["nfe"] if nfe is None else nfe
+    if str(nfe) not in manifest["schedules"]:
+        raise UserError(f"--nfe {nfe}: this engine serves NFE {', '.join(sorted(manifest['schedules'], key=int))}")
+    limit = manifest.get("max_batch")
+    if max_batch < 1 or (limit and max_batch > limit):
+        raise UserError(f"--max-batch must lie in 1..{limit}; got {max_batch}" if limit else
+                        f"--max-batch must be at least 1; got {max_batch}")
+    return nfe
+
+
 def write_repository(engine_dir: str | Path, out: str | Path, *, nfe: int | None = None, precision: str = "fp32",
                      backend: str = "auto", max_batch: int = 64, queue_delay_us: int = 2000) -> list[Path]:
     """The model repository for one engine folder at `out`; returns the model folders written."""
     engine_dir, out = Path(engine_dir), Path(out)
     manifest = read_manifest(engine_dir)
-    nfe = manifest["schedule"]["nfe"] if nfe is None else nfe
-    if str(nfe) not in manifest["schedules"]:
-        raise UserError(f"--nfe {nfe}: this engine serves NFE {', '.join(sorted(manifest['schedules'], key=int))}")
-    limit = manifest.get("max_batch")
-    if not 1 <= max_batch <= (limit or max_batch):
-        raise UserError(f"--max-batch must lie in 1..{limit or 'any'} for this engine; got {max_batch}")
+    nfe = check_serving(manifest, nfe, max_batch)
     tmp = fresh_folder(out, "model repository")
     try:
         models = [python_model(tmp, engine_dir, manifest, backend=backend, precision=precision, nfe=nfe,

@@ -250,3 +250,16 @@ def test_text_to_image_engines_serve_prompts(tmp_path):
         np.testing.assert_array_equal(client.infer("fewstep", [text, seed]).as_numpy("images"), want)
         with pytest.raises(InferenceServerException, match="class_labels"):  # not an input of a text model
             infer(client, httpclient, [1], [4])
+
+
+def test_bad_command_lines_are_one_line_errors(engines, tmp_path, capsys):
+    from runtime import serve as serve_cli
+
+    for main, argv, message in [
+            (serve_cli.main, ["--engine", str(tmp_path / "missing")], "does not exist"),
+            (serve_cli.main, ["--engine", str(engines["dmd2"]), "--nfe", "7"], "this engine serves NFE 1, 2"),
+            (triton_cli.main, ["--engine", str(engines["dmd2"]), "--out", str(tmp_path / "r"), "--max-batch", "0"],
+             "--max-batch must be at least 1")]:
+        code, _, err = run_main(main, argv, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
