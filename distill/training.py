@@ -105,7 +105,8 @@ def any_process(flag: bool, accelerator) -> bool:
 def run_loop(*, out_dir: Path, config: dict, steps: int, checkpoint_every: int, log_every: int, accelerator,
              train_step: Callable[[int], dict], get_state: Callable[[], dict], set_state: Callable[[dict], None],
              progress: bool = True, desc: str = "train",
-             resumable: tuple[str, ...] = RESUMABLE_CHANGES, defaults: dict | None = None) -> tuple[int, float]:
+             resumable: tuple[str, ...] = RESUMABLE_CHANGES, defaults: dict | None = None,
+             collective_state: bool = False) -> tuple[int, float]:
     """Run `train_step(step)` for step = (resumed step) .. steps-1; returns (steps done, training seconds).
 
     out_dir/state.safetensors holds the method's state plus the step, wall time, global RNG state and config;
@@ -114,7 +115,8 @@ def run_loop(*, out_dir: Path, config: dict, steps: int, checkpoint_every: int, 
     dropped so every step appears once. `resumable`: the config keys a resumed run may change (a method whose
     schedule depends on `steps` leaves it out). `defaults`: the config's default values; a setting the saved
     config lacks (added to fewstep after the state was written) counts as its default, which by convention is the
-    behaviour the older version had.
+    behaviour the older version had. `collective_state`: get_state gathers sharded tensors, so every process calls
+    it (the main one writes the file).
     """
     out_dir = Path(out_dir)
     state_path = out_dir / STATE_NAME
@@ -142,9 +144,9 @@ def run_loop(*, out_dir: Path, config: dict, steps: int, checkpoint_every: int, 
     main = accelerator.is_main_process
 
     def checkpoint():
+        state = get_state() if main or collective_state else None
         if main:
-            save_state(state_path, get_state() | {"config": config, "rng": rng_state(), "step": step,
-                                                  "elapsed": elapsed})
+            save_state(state_path, state | {"config": config, "rng": rng_state(), "step": step, "elapsed": elapsed})
         accelerator.wait_for_everyone()
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,10 @@ class DMD2Config:
     # A student bundle of this teacher (e.g. a 1-step one) whose network the generator starts from instead of
     # the teacher's: a multi-step student then starts with a first step that already makes samples.
     init_generator: str | None = None
+    # Shard the generator and the fake score (weights, gradients, optimizer state) across the launched processes
+    # with FSDP2 (distill/sharding.py); the frozen teacher is replicated, or sharded too with fsdp_shard_teacher.
+    fsdp: bool = False
+    fsdp_shard_teacher: bool = False
 
     # --- The digits recipe (the digits-* presets in distill/run.py; off by default, so the paper's run is unchanged)
     lr_schedule: str = "constant"  # "constant" (the reference's) or "cosine": down to lr_min_ratio x lr at `steps`

@@ -106,4 +106,6 @@ class FakeScore(nn.Module):
         if self.tap is None:
             return x0, None
         features = self.tap.pop()
-        return x0, (self.head(features) if logits else None)
+        # a fresh tensor, not the head's flattened view: under FSDP2 the module's backward hook rides on its outputs,
+        # and an in-place op on a view would drop it
+        return x0, (self.head(features).clone() if logits else None)

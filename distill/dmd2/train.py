@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from distill import sharding
 from distill.bundle import base_manifest, write_bundle
 from distill.dmd2.backward_simulation import draw_batch, student_input, take, trained_rows
 from distill.dmd2.config import DMD2Config, gan_enabled, lr_at, served_nfes, student_times
@@ -190,15 +191,31 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
         tap.remove()
     fake = FakeScore(fake_denoiser, head, len(student_sigmas) if cfg.fake_per_step else None)
 
+    if cfg.fsdp:  # in place: every call of these objects (trained, no-grad, frozen) gathers the shards it needs
+        sharding.check_fsdp(accelerator, cfg.lora_rank, precision)
+        if cfg.select_every:
+            raise UserError("fsdp with select_every is not supported (the rating runs on one process); set "
+                            "select_every=0, or drop fsdp")
+        sharding.shard(generator)
+        sharding.shard(fake)
+    # the bundle's network is written from an unsharded copy of the teacher's: kept aside (on the CPU, main process
+    # only) when the teacher is sharded too
+    template = copy.deepcopy(real.net).cpu() if cfg.fsdp and cfg.fsdp_shard_teacher and accelerator.is_main_process \
+        else None
+    if cfg.fsdp and cfg.fsdp_shard_teacher:
+        sharding.shard(real)
     adamw = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     opt_g = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_generator, **adamw)
     opt_f = torch.optim.AdamW(fake.parameters(), lr=cfg.lr_fake, **adamw)  # head and fake backbone: one optimizer
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
-        # The loop calls the unwrapped modules for no-grad and frozen forwards, which is right for DDP only:
-        # under FSDP / DeepSpeed their parameters are shards. Fail clearly rather than train on shards.
+        # The loop calls the same modules for trained, no-grad and frozen forwards: right for DDP (the wrapper
+        # sees only the trained one) and for fewstep's FSDP2 (sharded in place), not for accelerate's wrappers.
         raise UserError(f"accelerate's {accelerator.distributed_type.name} mode is not supported by fewstep's DMD2 "
-                        "loop yet; use plain multi-GPU (DDP) — with --set lora_rank=64 for SDXL-size teachers")
-    generator_train, fake_train, opt_g, opt_f = accelerator.prepare(generator, fake, opt_g, opt_f)
+                        "loop; launch plain multi-process (DDP) and add --set fsdp=true to shard (docs/dmd2.md)")
+    if cfg.fsdp:
+        generator_train, fake_train = generator, fake
+    else:
+        generator_train, fake_train, opt_g, opt_f = accelerator.prepare(generator, fake, opt_g, opt_f)
     scale = teacher.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
     nets = Nets(real, generator, fake, generator_train, fake_train, scale, teacher.uncond,
                 real.loss_weighting, float(student_sigmas[0]))
@@ -212,6 +229,12 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     best = {"score": math.inf, "step": -1, "weights": None, "seconds": 0.0}
 
     def get_state() -> dict:
+        if cfg.fsdp:  # full tensors, gathered by every process
+            return {"generator": sharding.full_state(generator.net), "fake": sharding.full_state(fake),
+                    "opt_generator": sharding.full_optimizer_state(generator, opt_g),
+                    "opt_fake": sharding.full_optimizer_state(fake, opt_f), "scaler_generator": scaler_g.state_dict(),
+                    "scaler_fake": scaler_f.state_dict(), "ema": ema and sharding.full_tensors(ema),
+                    "gen": gen.get_state(), "counts": dict(counts), "best": None}
         return {"generator": generator.net.state_dict(), "fake": fake.state_dict(), "opt_generator": opt_g.state_dict(),
                 "opt_fake": opt_f.state_dict(), "scaler_generator": scaler_g.state_dict(),
                 "scaler_fake": scaler_f.state_dict(), "ema": ema, "gen": gen.get_state(), "counts": dict(counts),
@@ -219,13 +242,20 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
 
     def set_state(state: dict) -> None:
         nonlocal ema
-        generator.net.load_state_dict(state["generator"])
-        fake.load_state_dict(state["fake"])
-        opt_g.load_state_dict(state["opt_generator"])
-        opt_f.load_state_dict(state["opt_fake"])
+        if cfg.fsdp:
+            sharding.load_full_state(generator.net, state["generator"])
+            sharding.load_full_state(fake, state["fake"])
+            sharding.load_full_optimizer_state(generator, opt_g, state["opt_generator"])
+            sharding.load_full_optimizer_state(fake, opt_f, state["opt_fake"])
+        else:
+            generator.net.load_state_dict(state["generator"])
+            fake.load_state_dict(state["fake"])
+            opt_g.load_state_dict(state["opt_generator"])
+            opt_f.load_state_dict(state["opt_fake"])
         scaler_g.load_state_dict(state["scaler_generator"])
         scaler_f.load_state_dict(state["scaler_fake"])
-        ema = state["ema"] if ema is None else {k: v.to(device) for k, v in state["ema"].items()}
+        if ema is not None:
+            ema = sharding.like(state["ema"], ema) if cfg.fsdp else {k: v.to(device) for k, v in state["ema"].items()}
         gen.set_state(state["gen"])
         counts.update(state["counts"])
         if cfg.select_every:
@@ -292,7 +322,8 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
                                  set_state=set_state, progress=progress, desc="dmd2",
                                  # a cosine LR is a function of `steps`: a resumed run must keep it
                                  resumable=tuple(k for k in RESUMABLE_CHANGES
-                                                 if k != "steps" or cfg.lr_schedule == "constant"))
+                                                 if k != "steps" or cfg.lr_schedule == "constant"),
+                                 collective_state=cfg.fsdp)
     finally:
         if fake.tap is not None:
             fake.tap.remove()
@@ -308,7 +339,13 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
                                  "selection_score": best["score"] if selected else None,
                                  "selection_seconds": round(best["seconds"], 1)}
     bundle = out_dir / "student"
-    if accelerator.is_main_process:
+    if cfg.fsdp:  # the full weights, gathered by every process, into an unsharded copy of the teacher's network
+        weights = sharding.full_tensors(ema) if ema is not None else sharding.full_state(generator.net)
+        if accelerator.is_main_process:
+            net = template if template is not None else copy.deepcopy(real.net)
+            net.load_state_dict(weights)
+            write_bundle(bundle, net, manifest)
+    elif accelerator.is_main_process:
         write_bundle(bundle, student_backbone(generator, best["weights"] if selected else ema), manifest)
     accelerator.wait_for_everyone()
     return bundle

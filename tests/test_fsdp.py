@@ -1,0 +1,113 @@
+"""Fully sharded DMD2 (--set fsdp=true, distill/sharding.py) on two CPU processes (gloo): the same student as one
+process with the same global batch, a run killed with SIGKILL resumes from its checkpoint to the same weights as
+an uninterrupted one, and what FSDP cannot do is a one-line error naming what works."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from safetensors.torch import load_file
+
+from distill import run as run_cli
+from distill.checkpoint import load_state
+from distill.errors import UserError
+from distill.sharding import check_fsdp
+
+from .conftest import make_tiny_pixel_dir
+from .test_dmd2 import REPO, make_class_folder, run_main, unet_weights
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def common(teacher: Path, data: Path, steps: int = 3) -> list[str]:
+    return ["--preset", "pixel", "--teacher", str(teacher), "--data", str(data), "--steps", str(steps),
+            "--set", "dfake_gen_update_ratio=2", "--set", "lr_generator=1e-3", "--set", "lr_fake=1e-3",
+            "--set", "warmup=0", "--eval-samples", "0", "--no-progress", "--cpu"]
+
+
+def two_processes(port: int) -> list[str]:
+    # torchrun sets the WORLD_SIZE / RANK environment `accelerate launch` sets; Accelerator(cpu=True) picks gloo
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+            "-m", "distill.run"]
+
+
+def relative_difference(a: dict, b: dict, start: dict) -> float:
+    """Summed |a - b| over summed |a - start|: how far two runs ended apart, against how far training moved."""
+    moved = sum((a[k] - start[k]).abs().sum().item() for k in a)
+    assert moved > 0
+    return sum((a[k] - b[k]).abs().sum().item() for k in a) / moved
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    return make_tiny_pixel_dir(root / "teacher", num_classes=3), make_class_folder(root / "data")
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_process(setup, tmp_path):
+    """The generator is updated at steps 0 and 2 with a no-grad forward between (step 1): the path where a sharded
+    root left gathered once trained wrong."""
+    teacher, data = setup
+    args = common(teacher, data)
+    two = subprocess.run(two_processes(29541) + args + ["--out", str(tmp_path / "two"), "--batch-size", "2",
+                                                         "--set", "fsdp=true"],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "distill.run"] + args + ["--out", str(tmp_path / "one"),
+                                                                        "--batch-size", "4"],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    start = load_file(teacher / "unet" / "diffusion_pytorch_model.safetensors")
+    # as the DDP test: Adam's first steps are +-lr wherever a gradient is non-zero, so weights whose gradient is
+    # float noise may differ; a process training on its half alone, or on stale shards, moves most of them
+    assert relative_difference(unet_weights(tmp_path / "one" / "student"),
+                               unet_weights(tmp_path / "two" / "student"), start) < 1e-3
+
+
+@pytest.mark.slow
+def test_fsdp_run_killed_with_sigkill_resumes_to_the_same_weights(setup, tmp_path):
+    teacher, data = setup
+    args = common(teacher, data, steps=5) + ["--batch-size", "2", "--set", "fsdp=true", "--set",
+                                             "checkpoint_every=1", "--set", "log_every=1", "--set", "ema_decay=0.9"]
+    whole = subprocess.run(two_processes(29542) + args + ["--out", str(tmp_path / "whole")], cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(two_processes(29543) + args + ["--out", str(out)], cwd=REPO, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers, mid-run: no handler runs
+    process.wait()
+    assert not (out / "student").exists() and 1 <= load_state(out / "state.safetensors")["step"] < 5
+    resumed = subprocess.run(two_processes(29544) + args + ["--out", str(out)], cwd=REPO, env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming from step" in resumed.stdout
+    start = load_file(teacher / "unet" / "diffusion_pytorch_model.safetensors")
+    assert relative_difference(unet_weights(tmp_path / "whole" / "student"), unet_weights(out / "student"),
+                               start) < 1e-6
+
+
+def test_what_fsdp_cannot_do_is_one_line_naming_what_works(setup, tmp_path, capsys):
+    teacher, data = setup
+    code, _, err = run_main(run_cli.main, common(teacher, data, steps=1) + ["--out", str(tmp_path / "one"),
+                                                                            "--set", "fsdp=true"], capsys)
+    assert code == 2 and "this run has one: launch several" in err and len(err.strip().splitlines()) == 1, err
+    two = SimpleNamespace(num_processes=2, distributed_type=SimpleNamespace(name="MULTI_GPU"))
+    with pytest.raises(UserError, match="fsdp with LoRA is not supported"):
+        check_fsdp(two, 64, "bf16")
+    with pytest.raises(UserError, match="use bf16"):
+        check_fsdp(two, None, "fp16")
+    with pytest.raises(UserError, match="accelerate's FSDP mode is not"):
+        check_fsdp(SimpleNamespace(num_processes=2, distributed_type=SimpleNamespace(name="FSDP")), None, "bf16")
+    check_fsdp(two, None, "bf16")  # what works passes
