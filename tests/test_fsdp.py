@@ -1,6 +1,6 @@
-"""Fully sharded DMD2 (--set fsdp=true, distill/sharding.py) on two CPU processes (gloo): the same student as one
-process with the same global batch, a run killed with SIGKILL resumes from its checkpoint to the same weights as
-an uninterrupted one, and what FSDP cannot do is a one-line error naming what works."""
+"""Fully sharded DMD2 and SFD (--set fsdp=true, distill/sharding.py) on two CPU processes (gloo): the same student
+as one process with the same global batch, a run killed with SIGKILL resumes from its checkpoint to the same
+weights as an uninterrupted one, and what FSDP cannot do is a one-line error naming what works."""
 
 import os
 import signal
@@ -111,3 +111,24 @@ def test_what_fsdp_cannot_do_is_one_line_naming_what_works(setup, tmp_path, caps
     with pytest.raises(UserError, match="accelerate's FSDP mode is not"):
         check_fsdp(SimpleNamespace(num_processes=2, distributed_type=SimpleNamespace(name="FSDP")), None, "bf16")
     check_fsdp(two, None, "bf16")  # what works passes
+
+
+@pytest.mark.slow
+def test_fsdp_sfd_v_two_processes_match_one_process(setup, tmp_path):
+    """SFD-v: the student and its NFE embedding sharded; SFD's batch_size is per process."""
+    teacher, _ = setup
+    args = ["--preset", "pixel-sfd", "--teacher", str(teacher), "--steps", "3", "--set", "nfes=[2,3]", "--set",
+            "lr=1e-3", "--set", "teacher_steps=2", "--eval-samples", "0", "--no-progress", "--cpu"]
+    two = subprocess.run(two_processes(29545) + args + ["--out", str(tmp_path / "two"), "--batch-size", "2",
+                                                         "--set", "fsdp=true"],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "distill.run"] + args + ["--out", str(tmp_path / "one"),
+                                                                        "--batch-size", "4"],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    start = load_file(teacher / "unet" / "diffusion_pytorch_model.safetensors")
+    assert relative_difference(unet_weights(tmp_path / "one" / "student"),
+                               unet_weights(tmp_path / "two" / "student"), start) < 1e-3
+    embedding = [load_file(tmp_path / run / "student" / "nfe_embedding.safetensors") for run in ("one", "two")]
+    assert all((embedding[0][k] - embedding[1][k]).abs().max() < 1e-5 for k in embedding[0])

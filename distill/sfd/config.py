@@ -31,4 +31,7 @@ class SFDConfig:
     mixed_precision: str | None = None  # None = bf16 on CUDA, fp32 on CPU
     seed: int = 0
     checkpoint_every: int = 50
+    # Shard the student (weights, gradients, optimizer state) across the launched processes with FSDP2
+    # (distill/sharding.py); the frozen teacher is replicated.
+    fsdp: bool = False
     log_every: int = 1

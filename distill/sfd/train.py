@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from distill import sharding
 from distill.bundle import base_manifest, write_bundle
 from distill.errors import UserError
 from distill.sfd.config import SFD_NFES, SFDConfig
@@ -100,8 +101,14 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
     if variable:  # the step count as an extra condition, zero at the start (student == teacher)
         embedding = NFEEmbedding(time_embed_dim(student.net)).to(device)
         student.net = NFEConditioned(student.net, embedding)
+    if cfg.fsdp:  # in place, before the optimizer sees the parameters
+        sharding.check_fsdp(accelerator, None, precision)
+        sharding.shard(student)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-    student_train, opt = accelerator.prepare(student, opt)
+    if cfg.fsdp:
+        student_train = student
+    else:
+        student_train, opt = accelerator.prepare(student, opt)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     scale = teacher.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -111,12 +118,19 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
     prompts = read_prompts(cfg.prompts) if teacher.conditioning == "text" else None
 
     def get_state() -> dict:
+        if cfg.fsdp:  # full tensors, gathered by every process
+            return {"student": sharding.full_state(student.net), "opt": sharding.full_optimizer_state(student, opt),
+                    "scaler": scaler.state_dict(), "gen": gen.get_state()}
         return {"student": student.net.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
                 "gen": gen.get_state()}
 
     def set_state(state: dict) -> None:
-        student.net.load_state_dict(state["student"])
-        opt.load_state_dict(state["opt"])
+        if cfg.fsdp:
+            sharding.load_full_state(student.net, state["student"])
+            sharding.load_full_optimizer_state(student, opt, state["opt"])
+        else:
+            student.net.load_state_dict(state["student"])
+            opt.load_state_dict(state["opt"])
         scaler.load_state_dict(state["scaler"])
         gen.set_state(state["gen"])
 
@@ -156,19 +170,29 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
                              accelerator=accelerator, train_step=train_step, get_state=get_state,
                              set_state=set_state, progress=progress,
                              desc=f"sfd-v nfe={','.join(map(str, nfes))}" if variable else f"sfd nfe={cfg.nfe}",
-                             resumable=("checkpoint_every", "log_every"))  # the LR drop depends on `steps`
+                             resumable=("checkpoint_every", "log_every"),  # the LR drop depends on `steps`
+                             collective_state=cfg.fsdp)
     entries = {str(n): {"sigmas": [float(s) for s in grids[n][0]], "afs": cfg.afs,
                         "timesteps": [float(t) for t in teacher.denoiser.schedule.sigma_to_t(grids[n][0])]}
                for n in nfes}
     manifest = base_manifest(teacher, "sfd-v" if variable else "sfd", entries, "none", asdict(cfg))
     manifest["training"] |= {"train_seconds": round(elapsed, 1), "steps_done": step,
                              "processes": accelerator.num_processes}
+    net = student.net
+    if cfg.fsdp:  # the full weights, gathered by every process, into an unsharded network of the same layout
+        weights = sharding.full_state(student.net)
+        if accelerator.is_main_process:
+            net = copy.deepcopy(real.net)
+            if variable:
+                embedding = NFEEmbedding(time_embed_dim(net)).to(device)
+                net = NFEConditioned(net, embedding)
+            net.load_state_dict(weights)
     extra = {}
     if variable:
         manifest["nfe_condition"] = embedding.spec()
         extra[embedding.spec()["weights"]] = embedding.state_dict()
     bundle = out_dir / "student"
     if accelerator.is_main_process:
-        write_bundle(bundle, student.net, manifest, extra)
+        write_bundle(bundle, net, manifest, extra)
     accelerator.wait_for_everyone()
     return bundle
