@@ -132,3 +132,13 @@ def test_fsdp_sfd_v_two_processes_match_one_process(setup, tmp_path):
                                unet_weights(tmp_path / "two" / "student"), start) < 1e-3
     embedding = [load_file(tmp_path / run / "student" / "nfe_embedding.safetensors") for run in ("one", "two")]
     assert all((embedding[0][k] - embedding[1][k]).abs().max() < 1e-5 for k in embedding[0])
+
+
+@pytest.mark.parametrize("name", ["multi_gpu", "multi_node"])
+def test_the_shipped_accelerate_configs_load(name):
+    """accelerate's own parser reads them (unknown keys raise there); plain multi-process, accelerate's FSDP off."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.name == "MULTI_GPU" and not config.fsdp_config
+    assert config.num_processes % config.num_machines == 0 and config.mixed_precision == "bf16"
