@@ -818,3 +818,31 @@ def test_ddp_two_processes_match_one_process(teacher_dir, tmp_path):
     moved = sum((w1[k] - teacher_w[k]).abs().sum().item() for k in w1)
     diff = sum((w1[k] - w2[k]).abs().sum().item() for k in w1)
     assert moved > 0 and diff < 1e-3 * moved, (moved, diff)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(teacher, tmp_path):
+    """Recomputing activations in the backward changes memory, not the arithmetic: the same student, GAN and
+    backward simulation included."""
+    data = real_data()
+    variant = dict(student_timesteps=(999, 499), steps=3)
+    plain = train_dmd2(small_config(**variant), teacher, data, tmp_path / "plain", progress=False)
+    recomputed = train_dmd2(small_config(**variant, gradient_checkpointing=True), teacher, data,
+                            tmp_path / "recomputed", progress=False)
+    a, b = unet_weights(plain), unet_weights(recomputed)
+    start = teacher.denoiser.net.network.state_dict()
+    assert sum((a[k] - start[k]).abs().sum().item() for k in a) > 0
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
+def test_gradient_checkpointing_needs_a_network_that_has_it():
+    from distill.teachers.backbone import Backbone
+
+    class Plain(Backbone):
+        network_attr = "net"
+
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(2, 2)
+
+    with pytest.raises(UserError, match="Linear does not support it"):
+        Plain().enable_checkpointing()

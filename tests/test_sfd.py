@@ -285,3 +285,14 @@ def test_ddp_two_processes_match_one_process(teacher_dir, tmp_path):
     moved = sum((w1[k] - start[k]).abs().sum().item() for k in w1)
     diff = sum((w1[k] - w2[k]).abs().sum().item() for k in w1)
     assert moved > 0 and diff < 1e-3 * moved, (moved, diff)  # summed, as in the DMD2 test (Adam's +-lr steps)
+
+
+def test_gradient_checkpointing_trains_the_same_student(teacher_dir, tmp_path):
+    teacher = load_teacher(teacher_dir)
+    plain = train_sfd(tiny_config(steps=2), teacher, tmp_path / "plain", progress=False)
+    recomputed = train_sfd(tiny_config(steps=2, gradient_checkpointing=True), teacher, tmp_path / "recomputed",
+                           progress=False)
+    a, b = unet_weights(plain), unet_weights(recomputed)
+    start = teacher.denoiser.net.network.state_dict()
+    assert sum((a[k] - start[k]).abs().sum().item() for k in a) > 0
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)

@@ -42,6 +42,9 @@ class DMD2Config:
     # with FSDP2 (distill/sharding.py); the frozen teacher is replicated, or sharded too with fsdp_shard_teacher.
     fsdp: bool = False
     fsdp_shard_teacher: bool = False
+    # Recompute the generator's and the fake score's activations in the backward instead of keeping them (less
+    # memory, about a third more compute); the frozen teacher never keeps activations.
+    gradient_checkpointing: bool = False
 
     # --- The digits recipe (the digits-* presets in distill/run.py; off by default, so the paper's run is unchanged)
     lr_schedule: str = "constant"  # "constant" (the reference's) or "cosine": down to lr_min_ratio x lr at `steps`

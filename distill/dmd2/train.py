@@ -179,6 +179,9 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     generator = copy.deepcopy(real).train().requires_grad_(True)
     if cfg.init_generator:
         start_from_student(generator, cfg.init_generator)
+    if cfg.gradient_checkpointing:  # before LoRA wraps the network
+        generator.net.enable_checkpointing()
+        fake_denoiser.net.enable_checkpointing()
     if cfg.lora_rank:
         add_lora(generator.net, cfg.lora_rank)
     head = None

@@ -78,7 +78,11 @@ def generator_step(nets: Nets, opt, scaler, batch: Batch, x_in: torch.Tensor, si
     if nets.fake.head is not None and cfg.gan_g_weight > 0:
         # Non-saturating GAN loss through the frozen fake score and head, back to x.
         xg, gb = x_all[gan_rows], take(batch, gan_rows)
-        with frozen(nets.fake), autocast(device, precision):
+        # Frozen so the backward skips the fake score's weight gradients; not under gradient checkpointing, whose
+        # recomputation in the backward (after `frozen` has ended) must see the same requires_grad as the forward.
+        # The fake score's stray gradients are then dropped by its own update's zero_grad.
+        keep = contextlib.nullcontext() if cfg.gradient_checkpointing else frozen(nets.fake)
+        with keep, autocast(device, precision):
             _, logits = nets.fake(xg + _per_sample(gb.sigma_gan_g, xg) * gb.eps_gan_g, gb.sigma_gan_g, gb.cond,
                                   step=gb.k)
         losses["gan_g"] = gan_g_loss(logits)

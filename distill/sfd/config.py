@@ -34,4 +34,5 @@ class SFDConfig:
     # Shard the student (weights, gradients, optimizer state) across the launched processes with FSDP2
     # (distill/sharding.py); the frozen teacher is replicated.
     fsdp: bool = False
+    gradient_checkpointing: bool = False  # recompute the student's activations in the backward (less memory)
     log_every: int = 1

@@ -97,6 +97,8 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
     grids = {n: sfd_grids(teacher.denoiser.schedule, n, cfg, sigma_min, sigma_max, device) for n in nfes}
     real = teacher.denoiser.eval().requires_grad_(False)
     student = copy.deepcopy(real).train().requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        student.net.enable_checkpointing()
     embedding = None
     if variable:  # the step count as an extra condition, zero at the start (student == teacher)
         embedding = NFEEmbedding(time_embed_dim(student.net)).to(device)

@@ -67,6 +67,16 @@ class Backbone(nn.Module):
                              "time_embedding")
         return module, last_linear_width(module)
 
+    def enable_checkpointing(self) -> None:
+        """Gradient checkpointing: the network keeps only its blocks' inputs in the forward and recomputes the rest
+        in the backward (diffusers models' own enable_gradient_checkpointing)."""
+        net = self.network
+        try:
+            net.enable_gradient_checkpointing()
+        except (AttributeError, ValueError):
+            raise UserError(f"gradient_checkpointing: {type(net).__name__} does not support it (diffusers models "
+                            "do); turn it off") from None
+
     def save(self, folder: Path) -> dict:
         raise NotImplementedError
 
