@@ -1,0 +1,208 @@
+"""DMD2's memory per process: measured on this machine at reduced size, and the formula that extrapolates it to
+SD 1.5, SDXL and FLUX-transformer teachers: `python -m benchmarks.memory_bench --out docs/memory_bench
+[--widths 32,64] [--steps 3]`.
+
+1. The teachers' sizes: the public configs of SD 1.5's and SDXL's UNets and FLUX.1's transformer (and SD3-medium's),
+   built on PyTorch's meta device (no memory, no download), parameters counted.
+2. The formula, bytes per teacher parameter held by each process, fp32 weights and AdamW (two fp32 moments):
+   the frozen real score 4 (sharded: 4 / N), each trained copy (generator, fake score) 4 weights + 4 gradients +
+   8 optimizer = 16 (sharded: 16 / N), a LoRA generator 4 (its adapters are negligible). So a full fine-tune holds
+   36 bytes per parameter on DDP, 4 + 32 / N on FSDP (8 at N = 8), 24 with LoRA. Activations come on top and
+   scale with batch and resolution (what gradient checkpointing cuts); FSDP also gathers one block at a time.
+3. The check on this CPU: a pixel UNet teacher at two widths (SD 1.5's channel ratios 1:2:4:4), `distill.run`
+   for `--steps` steps in each configuration (one process; LoRA; gradient checkpointing; two processes DDP; two
+   processes FSDP; FSDP with the teacher sharded). Peak resident memory of the largest process and seconds per
+   step are read off each run; the slope between the two widths, in bytes per parameter, is set against the
+   formula's. Writes OUT.md and OUT.json.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.runtime_bench import cpu_name
+from fewstep.errors import cli_main
+
+ROOT = Path(__file__).resolve().parent.parent
+GB = 1024**3
+
+# The public configs (the fields that decide the parameter count; the rest are the classes' defaults)
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                   "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+                 transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+SD3_MEDIUM_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                              num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                              pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+
+# bytes per teacher parameter held by one process of N (fp32 weights, AdamW)
+VARIANTS = {  # name: (processes, extra distill.run arguments, formula bytes per parameter)
+    "full, 1 process": (1, [], lambda n: 4 + 16 + 16),
+    "full + gradient checkpointing, 1 process": (1, ["--set", "gradient_checkpointing=true"], lambda n: 36),
+    "LoRA 8, 1 process": (1, ["--set", "lora_rank=8"], lambda n: 4 + 16 + 4),
+    "full, 2 processes DDP": (2, [], lambda n: 36),
+    "full, 2 processes FSDP": (2, ["--set", "fsdp=true"], lambda n: 4 + 32 / n),
+    "full, 2 processes FSDP, teacher sharded": (2, ["--set", "fsdp=true", "--set", "fsdp_shard_teacher=true"],
+                                                lambda n: (4 + 32) / n),
+}
+
+
+def teacher_sizes() -> dict:
+    """Parameters of the public teachers, counted on the meta device."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    sizes = {}
+    for name, cls, config in (("SD 1.5 UNet", UNet2DConditionModel, SD15_UNET),
+                              ("SDXL UNet", UNet2DConditionModel, SDXL_UNET),
+                              ("SD3-medium transformer", SD3Transformer2DModel, SD3_MEDIUM_TRANSFORMER),
+                              ("FLUX.1 transformer", FluxTransformer2DModel, FLUX_TRANSFORMER)):
+        with torch.device("meta"):
+            model = cls(**config)
+        sizes[name] = sum(p.numel() for p in model.parameters())
+    return sizes
+
+
+def make_teacher(path: Path, width: int) -> int:
+    """A class-conditional pixel UNet teacher (DDPMPipeline layout) with SD 1.5's channel ratios; its parameters."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=2,
+                       block_out_channels=(width, 2 * width, 4 * width, 4 * width), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=8, num_class_embeds=4)
+    unet.save_pretrained(path / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon",
+                  clip_sample=False).save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    (path / "fewstep_teacher.json").write_text(json.dumps({"num_classes": 3, "null_class": 3,
+                                                            "guidance_scale": 2.0}))
+    return sum(p.numel() for p in unet.parameters())
+
+
+def make_data(path: Path) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (path / str(c)).mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path / str(c) / f"{i}.png")
+    return path
+
+
+def measure(teacher: Path, data: Path, out: Path, processes: int, extra: list[str], steps: int, port: int) -> dict:
+    """Peak resident memory of the largest process (bytes) and seconds per step of one distill.run."""
+    args = ["--preset", "pixel", "--teacher", str(teacher), "--data", str(data), "--steps", str(steps),
+            "--batch-size", "2", "--set", "warmup=0", "--eval-samples", "0", "--no-progress", "--cpu",
+            "--out", str(out), *extra]
+    launch = [sys.executable, "-m", "distill.run"] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+         str(port), "-m", "distill.run"]
+    # a fresh parent per run: RUSAGE_CHILDREN's peak is the largest of its (waited-for) descendants
+    probe = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
+             "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
+             "sys.stderr.write(done.stderr[-2000:] if done.returncode else '')")
+    done = subprocess.run([sys.executable, "-c", probe, *launch, *args], cwd=ROOT, capture_output=True, text=True,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=1800)
+    code, peak_kb = map(int, done.stdout.split())
+    if code:
+        raise RuntimeError(f"distill.run failed: {done.stderr}")
+    training = json.loads((out / "student" / "fewstep_student.json").read_text())["training"]
+    return {"peak_bytes": peak_kb * 1024, "seconds_per_step": training["train_seconds"] / training["steps_done"]}
+
+
+def bench(widths: list[int], steps: int) -> dict:
+    sizes = teacher_sizes()
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = make_data(root / "data")
+        params = {w: make_teacher(root / f"teacher{w}", w) for w in widths}
+        for name, (processes, extra, _) in VARIANTS.items():
+            runs[name] = {}
+            for w in widths:
+                out = root / f"run_{len(runs)}_{w}"
+                runs[name][w] = measure(root / f"teacher{w}", data, out, processes, extra, steps,
+                                        29600 + 10 * len(runs) + widths.index(w))
+                print(f"{name}, width {w} ({params[w] / 1e6:.1f} M parameters): "
+                      f"{runs[name][w]['peak_bytes'] / 2**20:.0f} MiB peak, "
+                      f"{runs[name][w]['seconds_per_step']:.2f} s/step", flush=True)
+    lo, hi = widths[0], widths[-1]
+    table = []
+    for name, (processes, _, formula) in VARIANTS.items():
+        slope = (runs[name][hi]["peak_bytes"] - runs[name][lo]["peak_bytes"]) / (params[hi] - params[lo])
+        table.append({"variant": name, "processes": processes, "formula_bytes_per_param": formula(processes),
+                      "measured_bytes_per_param": slope,
+                      "peak_mib": {str(w): runs[name][w]["peak_bytes"] / 2**20 for w in widths},
+                      "seconds_per_step": {str(w): runs[name][w]["seconds_per_step"] for w in widths}})
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "steps": steps, "widths": widths,
+            "parameters": {str(w): params[w] for w in widths}, "teachers": sizes, "table": table}
+
+
+def extrapolation(report: dict) -> list[str]:
+    """The formula at the public teachers' sizes, weights and optimizer state only."""
+    lines = ["| teacher | parameters | full, DDP (36 B) | LoRA, DDP (24 B) | FSDP, 8 GPUs (8 B) | FSDP, 8 GPUs, "
+             "teacher sharded (4.5 B) | FSDP, 64 GPUs, teacher sharded (0.56 B) |", "|---|---|---|---|---|---|---|"]
+    for name, p in report["teachers"].items():
+        cells = [p * b / GB for b in (36, 24, 4 + 32 / 8, 36 / 8, 36 / 64)]
+        lines.append(f"| {name} | {p / 1e9:.2f} B | " + " | ".join(f"{c:.1f} GiB" for c in cells) + " |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    w = report["widths"]
+    sizes = ", ".join(f"{report['parameters'][str(x)] / 1e6:.1f} M" for x in w)
+    lines = ["# DMD2 memory per process: measured at reduced size, extrapolated by formula", "",
+             f"`python -m benchmarks.memory_bench {' '.join(sys.argv[1:])}` on {report['cpu']} "
+             f"({report['cores']} cores), CPU processes (gloo), pixel UNet teachers with SD 1.5's channel ratios at "
+             f"widths {', '.join(map(str, w))} ({sizes} parameters), 16x16 images, batch 2 per process, "
+             f"{report['steps']} steps, fp32.", "",
+             "| configuration | processes | peak MiB per process (" + " / ".join(f"width {x}" for x in w) +
+             ") | s/step (" + " / ".join(f"width {x}" for x in w) + ") | bytes per parameter, measured | "
+             "formula |", "|---|---|---|---|---|---|"]
+    for r in report["table"]:
+        lines.append(f"| {r['variant']} | {r['processes']} | "
+                     + " / ".join(f"{r['peak_mib'][str(x)]:.0f}" for x in w) + " | "
+                     + " / ".join(f"{r['seconds_per_step'][str(x)]:.2f}" for x in w) + " | "
+                     f"{r['measured_bytes_per_param']:.1f} | {r['formula_bytes_per_param']:.1f} |")
+    lines += ["", "The formula at the public teachers' sizes (weights, gradients and AdamW state per process; "
+              "activations come on top):", "", *extrapolation(report)]
+    return "\n".join(lines) + "\n"
+
+
+@cli_main
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.memory_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--widths", default="32,64")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.json")
+    args = p.parse_args(argv)
+    report = bench([int(x) for x in args.widths.split(",")], args.steps)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
