@@ -9,11 +9,12 @@ SD 1.5, SDXL and FLUX-transformer teachers: `python -m benchmarks.memory_bench -
    8 optimizer = 16 (sharded: 16 / N), a LoRA generator 4 (its adapters are negligible). So a full fine-tune holds
    36 bytes per parameter on DDP, 4 + 32 / N on FSDP (8 at N = 8), 24 with LoRA. Activations come on top and
    scale with batch and resolution (what gradient checkpointing cuts); FSDP also gathers one block at a time.
-3. The check on this CPU: a pixel UNet teacher at two widths (SD 1.5's channel ratios 1:2:4:4), `distill.run`
-   for `--steps` steps in each configuration (one process; LoRA; gradient checkpointing; two processes DDP; two
-   processes FSDP; FSDP with the teacher sharded). Peak resident memory of the largest process and seconds per
-   step are read off each run; the slope between the two widths, in bytes per parameter, is set against the
-   formula's. Writes OUT.md and OUT.json.
+3. The check on this CPU: a pixel UNet teacher at two widths (SD 1.5's channel ratios 1:2:4:4), DMD2 with the
+   pixel preset's settings for `--steps` steps (training only: no sample grid, no evaluation) in each
+   configuration (one process; LoRA; gradient checkpointing; two processes DDP; two processes FSDP; FSDP with the
+   teacher sharded). Peak resident memory of the largest process and seconds per step are read off each run; the
+   slope between the two widths, in bytes per parameter, is set against the formula's. Writes OUT.md and
+   OUT.json.
 """
 
 import argparse
@@ -110,14 +111,33 @@ def make_data(path: Path) -> Path:
     return path
 
 
+def worker(teacher_dir: Path, data: Path, out: Path, steps: int, sets: list[str]) -> None:
+    """One DMD2 training (the pixel preset's settings, batch 2 per process) and nothing else: no sample grid, no
+    evaluation, so the process's peak is training's. Run by measure(), under torchrun for several processes."""
+    import dataclasses
+
+    from accelerate import Accelerator
+
+    from distill.data import load_class_folder
+    from distill.dmd2 import train_dmd2
+    from distill.run import PRESETS, parse_overrides
+    from distill.teachers import load_teacher
+
+    teacher = load_teacher(teacher_dir)
+    c, h, w = teacher.x_shape
+    real = load_class_folder(data, (h, w), c, teacher.num_classes)
+    cfg = dataclasses.replace(PRESETS["pixel"].config, steps=steps, batch_size=2, warmup=0, checkpoint_every=steps)
+    cfg = dataclasses.replace(cfg, **parse_overrides(sets))
+    train_dmd2(cfg, teacher, real, out, progress=False, accelerator=Accelerator(cpu=True))
+
+
 def measure(teacher: Path, data: Path, out: Path, processes: int, extra: list[str], steps: int, port: int) -> dict:
-    """Peak resident memory of the largest process (bytes) and seconds per step of one distill.run."""
-    args = ["--preset", "pixel", "--teacher", str(teacher), "--data", str(data), "--steps", str(steps),
-            "--batch-size", "2", "--set", "warmup=0", "--eval-samples", "0", "--no-progress", "--cpu",
-            "--out", str(out), *extra]
-    launch = [sys.executable, "-m", "distill.run"] if processes == 1 else \
+    """Peak resident memory of the largest process (bytes) and seconds per step of one training."""
+    args = ["--worker", "--teacher", str(teacher), "--data", str(data), "--steps", str(steps), "--out", str(out),
+            *extra]
+    launch = [sys.executable, "-m", "benchmarks.memory_bench"] if processes == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-         str(port), "-m", "distill.run"]
+         str(port), "-m", "benchmarks.memory_bench"]
     # a fresh parent per run: RUSAGE_CHILDREN's peak is the largest of its (waited-for) descendants
     probe = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
              "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
@@ -126,7 +146,7 @@ def measure(teacher: Path, data: Path, out: Path, processes: int, extra: list[st
                           env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=1800)
     code, peak_kb = map(int, done.stdout.split())
     if code:
-        raise RuntimeError(f"distill.run failed: {done.stderr}")
+        raise RuntimeError(f"training failed: {done.stderr}")
     training = json.loads((out / "student" / "fewstep_student.json").read_text())["training"]
     return {"peak_bytes": peak_kb * 1024, "seconds_per_step": training["train_seconds"] / training["steps_done"]}
 
@@ -196,7 +216,13 @@ def main(argv=None):
     p.add_argument("--widths", default="32,64")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one training run (measure())
+    p.add_argument("--teacher", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker:
+        return worker(args.teacher, args.data, args.out, args.steps, args.set)
     report = bench([int(x) for x in args.widths.split(",")], args.steps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
