@@ -6,7 +6,8 @@ The sampler graph holds the loop too: the K network calls unrolled, the per-step
 `steps` between them, and the uint8 conversion at the end, so any ONNX server (ONNX Runtime, OpenVINO, TensorRT,
 Triton) makes a whole generation in one call:
 
-    class_labels (N,) int64    [class-conditional engines]
+    class_labels (N,) int64                      [class-conditional engines]
+    encoder_hidden_states, ... (N, ...) float32  [text-to-image engines: the prompt embeddings]
     noise (N, draws, C, H, W) float32   ->   images (N, H, W, C) uint8
 
 `noise` is the runtime's caller noise (Pipeline.generate(noise=...)): draws = NFE for DMD2 engines (the start
@@ -14,9 +15,11 @@ noise, then the fresh noise of each later step), 1 for SFD engines. Batch first,
 stack requests. The K calls share one copy of the weights: each call's nodes are the network's nodes with their
 intermediate tensors renamed per call, reading the same initializers.
 
-The arithmetic between calls runs in float32 (the runtime's loop runs it in float64), so a pixel can land one
-uint8 level apart where a value sits on a rounding boundary; tests/test_sampler_graph.py measures it. Pixel
-engines only: text-to-image engines keep their text encoders and VAE decoder outside (runtime.serve serves them).
+Text-to-image engines take the prompt embeddings their text encoders make (runtime/text.py's encoding: the
+network's condition inputs, as the manifest names them; tokenizing stays with the caller), and their VAE decoder
+runs after the last call, inside the graph. The arithmetic between calls runs in float32 (the runtime's loop runs
+it in float64), so a pixel can land one uint8 level apart where a value sits on a rounding boundary;
+tests/test_sampler_graph.py measures it.
 """
 
 import argparse
@@ -89,14 +92,14 @@ def hoist_constants(network):
     return model
 
 
-def copy_network_call(b: GraphBuilder, network, call: int, feeds: dict[str, str]) -> str:
-    """The network's nodes once more, reading `feeds` (graph input name -> tensor) and the shared initializers;
-    returns the name of its output in this copy."""
+def copy_network_call(b: GraphBuilder, network, prefix: str, feeds: dict[str, str]) -> str:
+    """The network's nodes once more, their tensors renamed with `prefix`, reading `feeds` (graph input name ->
+    tensor) and the network's initializers under their own names (graph_initializers adds those once); returns the
+    name of its output in this copy."""
     from onnx import AttributeProto, helper
 
     graph = network.graph
     shared = {t.name for t in graph.initializer}
-    prefix = f"call{call}/"
 
     def rename(name: str) -> str:
         if not name or name in shared:
@@ -114,9 +117,30 @@ def copy_network_call(b: GraphBuilder, network, call: int, feeds: dict[str, str]
     return rename(graph.output[0].name)
 
 
-def sampler_graph(network, manifest: dict, nfe: int):
+def prefixed(model, prefix: str):
+    """A copy of `model` whose every tensor name (initializers included) starts with `prefix`: a second network
+    (the VAE decoder) whose weight names could collide with the first's."""
+    from onnx import ModelProto
+
+    out = ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inputs = {i.name for i in graph.input}
+    for t in graph.initializer:
+        t.name = prefix + t.name
+    for node in graph.node:
+        node.input[:] = [n if not n or n in inputs else prefix + n for n in node.input]
+        node.output[:] = [prefix + n for n in node.output]
+        node.name = prefix + (node.name or node.output[0])
+    for o in graph.output:
+        o.name = prefix + o.name
+    return out
+
+
+def sampler_graph(network, manifest: dict, nfe: int, decoder=None):
     """The ONNX model of `nfe`-step sampling through `network` (an onnx.ModelProto of the engine's network file, its
-    weights loaded), following the manifest's schedule for `nfe`."""
+    weights loaded), following the manifest's schedule for `nfe`; latent engines: `decoder` (the engine's VAE
+    decoder, latents -> image in [-1, 1]) after the loop."""
     from onnx import TensorProto, helper
 
     schedule = manifest["schedules"].get(str(nfe))
@@ -125,20 +149,22 @@ def sampler_graph(network, manifest: dict, nfe: int):
     if "steps" not in schedule:
         raise UserError("this engine folder predates the manifest's per-step scalars; re-export it with "
                         "python -m export.onnx")
-    kind = manifest["conditioning"].get("kind")
-    if kind == "text" or manifest["image"].get("latent_shape"):
-        raise UserError("the sampler graph covers pixel engines; a latent engine's text encoders and VAE decoder run "
-                        "outside its network (serve it with python -m runtime.serve)")
+    latent = bool(manifest["image"].get("latent_shape"))
+    if latent and decoder is None:
+        raise UserError("a latent engine's sampler graph needs its VAE decoder (write_sampler reads it from the "
+                        "engine folder)")
     names = [i["name"] for i in manifest["inputs"]]
     network = hoist_constants(network)
     image = manifest["image"]
     c, h, w = image["channels"], image["height"], image["width"]
+    x_shape = list(image.get("latent_shape") or (c, h, w))
     draws = nfe if schedule["renoise"] == "fresh_noise" else 1
 
     b = GraphBuilder()
-    inputs = [helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["batch", draws, c, h, w])]
-    if kind == "class":
-        inputs.insert(0, helper.make_tensor_value_info("class_labels", TensorProto.INT64, ["batch"]))
+    conditions = condition_inputs(manifest)
+    dtypes = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
+    inputs = [helper.make_tensor_value_info(i["name"], dtypes[i["dtype"]], i["shape"]) for i in conditions]
+    inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["batch", draws, *x_shape]))
     batch = b.op("Slice", ["sampler_noise_shape", b.const([0], np.int64), b.const([1], np.int64)], "batch")
     b.nodes.insert(0, helper.make_node("Shape", ["noise"], ["sampler_noise_shape"], name="sampler/shape"))
 
@@ -154,14 +180,13 @@ def sampler_graph(network, manifest: dict, nfe: int):
         if step["network_call"]:
             feeds = {"x": x, "sigma": per_row(step["sigma"], np.float32),
                      "timestep": per_row(step["timestep"], np.float32)}
-            if "class_labels" in names:
-                feeds["class_labels"] = "class_labels"
+            feeds |= {i["name"]: i["name"] for i in conditions}  # the condition: graph inputs, read by every call
             if "nfe" in names:
                 feeds["nfe"] = per_row(nfe, np.int64)
             missing = set(names) - set(feeds)
             if missing:
                 raise UserError(f"the sampler graph cannot feed the network's input(s) {', '.join(sorted(missing))}")
-            prediction = copy_network_call(b, network, call, feeds)
+            prediction = copy_network_call(b, network, f"call{call}/", feeds)
             if network.graph.output[0].type.tensor_type.elem_type != TensorProto.FLOAT:
                 prediction = b.op("Cast", [prediction], "prediction", to=TensorProto.FLOAT)
             call += 1
@@ -173,6 +198,10 @@ def sampler_graph(network, manifest: dict, nfe: int):
         elif i + 1 < len(schedule["steps"]):  # DMD2: re-noise x0 with the next draw
             x = b.op("Add", [x0, b.scale(step["renoise_sigma"], draw(i + 1))], "x")
     final = x if schedule["renoise"] == "none" else x0
+    if latent:  # the VAE decoder once, its weights under their own prefix
+        decoder = prefixed(hoist_constants(decoder), "vae/")
+        final = copy_network_call(b, decoder, "", {decoder.graph.input[0].name: final})
+        b.initializers.extend(decoder.graph.initializer)
     # uint8 as runtime.to_uint8: round((clip(x, -1, 1) + 1) * 127.5), half to even, channels last
     clipped = b.op("Clip", [final, b.const(-1.0), b.const(1.0)])
     level = b.op("Round", [b.op("Mul", [b.op("Add", [clipped, b.const(1.0)]), b.const(127.5)])])
@@ -188,16 +217,21 @@ def sampler_graph(network, manifest: dict, nfe: int):
     return model
 
 
+def condition_inputs(manifest: dict) -> list[dict]:
+    """The network inputs the sampler graph takes from its caller, as the manifest specifies them: the class labels,
+    or a text engine's prompt embeddings (encoder_hidden_states, and text_embeds / time_ids or pooled_projections:
+    runtime/text.py's encoding of the prompts); the loop feeds the rest (x, sigma, timestep, nfe) itself."""
+    return [i for i in manifest["inputs"] if i["name"] not in ("x", "sigma", "timestep", "nfe")]
+
+
 def sampler_io(manifest: dict, nfe: int) -> dict:
     """The sampler graph's inputs and outputs, as the manifest's `inputs` / `outputs` write them."""
     schedule = manifest["schedules"][str(nfe)]
     image = manifest["image"]
     draws = nfe if schedule["renoise"] == "fresh_noise" else 1
-    inputs = [{"name": "noise", "dtype": "float32",
-               "shape": ["batch", draws, image["channels"], image["height"], image["width"]]}]
-    if manifest["conditioning"].get("kind") == "class":
-        labels = next(i for i in manifest["inputs"] if i["name"] == "class_labels")
-        inputs.insert(0, {"name": "class_labels", "dtype": "int64", "shape": ["batch"], "range": labels["range"]})
+    x_shape = list(image.get("latent_shape") or (image["channels"], image["height"], image["width"]))
+    inputs = [dict(i) for i in condition_inputs(manifest)]
+    inputs.append({"name": "noise", "dtype": "float32", "shape": ["batch", draws, *x_shape]})
     outputs = [{"name": "images", "dtype": "uint8",
                 "shape": ["batch", image["height"], image["width"], image["channels"]]}]
     return {"inputs": inputs, "outputs": outputs}
@@ -220,7 +254,10 @@ def write_sampler(engine_dir: str | Path, nfe: int | None = None, precision: str
         have = [k for k, v in manifest["files"].items() if v["path"].endswith(".onnx") and not v.get("backend")]
         raise UserError(f"{engine_dir} has no {precision} network file to unroll; it has {', '.join(have)}")
     network = onnx.load(str(engine_dir / entry["path"]))  # external weights, if any, load with it
-    model = sampler_graph(network, manifest, nfe)
+    decoder = None
+    if manifest.get("vae_decoder"):
+        decoder = onnx.load(str(engine_dir / manifest["files"][manifest["vae_decoder"]["files"]["fp32"]]["path"]))
+    model = sampler_graph(network, manifest, nfe, decoder)
     path = engine_dir / sampler_name(nfe, precision)
     tmp = path.with_name(path.name + ".tmp")
     weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)

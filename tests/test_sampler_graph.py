@@ -111,3 +111,29 @@ def test_export_onnx_writes_the_sampler_graph_on_request(engines, tmp_path, caps
     manifest = json.loads((out / ENGINE_MANIFEST).read_text())
     assert manifest["samplers"]["2"]["fp32"]["path"] == "sampler_nfe2_fp32.onnx"
     assert (out / "sampler_nfe2_fp32.onnx").is_file() and "the whole sampler in one graph" in stdout
+
+
+@pytest.mark.parametrize("layout", ["sd15", "sdxl"])
+def test_text_to_image_sampler_graph_takes_prompt_embeddings_and_decodes(tmp_path, layout):
+    """A latent engine: the prompt embeddings the runtime's text encoders make, and the noise, in; the K UNet calls,
+    then the VAE decoder (its weights under their own names), then uint8, out."""
+    from export.onnx import export_onnx
+
+    from .test_export_latent import train_student
+
+    engine = export_onnx(train_student(tmp_path, layout), tmp_path / "engine")
+    manifest = json.loads((engine / ENGINE_MANIFEST).read_text())
+    nfe = manifest["schedule"]["nfe"]
+    path = write_sampler(engine, nfe)
+    pipe = Pipeline.load(engine, "onnxruntime-cpu")
+    prompts = ["a photo of a cat", "blue noise", ""]
+    noise = request_noise(9, 0, len(prompts), pipe.draws(nfe), pipe.x_shape)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    entry = json.loads((engine / ENGINE_MANIFEST).read_text())["samplers"][str(nfe)]["fp32"]
+    assert [i.name for i in session.get_inputs()] == [i["name"] for i in entry["inputs"]]
+    feed = {k: v for k, v in pipe.text.encode(prompts).items() if k in {i["name"] for i in entry["inputs"]}}
+    images = session.run(["images"], feed | {"noise": noise})[0]
+    want = pipe.generate(prompts, noise=noise, nfe=nfe).images
+    assert images.shape == want.shape and want.std() > 5
+    worst, share = level_differences(images, want)
+    assert worst <= 1 and share < 0.01, (worst, share)
