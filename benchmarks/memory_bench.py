@@ -118,6 +118,7 @@ def worker(teacher_dir: Path, data: Path, out: Path, steps: int, sets: list[str]
 
     from accelerate import Accelerator
 
+    import distill.dmd2.train as dmd2  # the loop looks fake_step up here: every training step ends with it
     from distill.data import load_class_folder
     from distill.dmd2 import train_dmd2
     from distill.run import PRESETS, parse_overrides
@@ -128,7 +129,17 @@ def worker(teacher_dir: Path, data: Path, out: Path, steps: int, sets: list[str]
     real = load_class_folder(data, (h, w), c, teacher.num_classes)
     cfg = dataclasses.replace(PRESETS["pixel"].config, steps=steps, batch_size=2, warmup=0, checkpoint_every=steps)
     cfg = dataclasses.replace(cfg, **parse_overrides(sets))
-    train_dmd2(cfg, teacher, real, out, progress=False, accelerator=Accelerator(cpu=True))
+    accelerator = Accelerator(cpu=True)
+    fake_step, resident = dmd2.fake_step, []
+
+    def measured_fake_step(*args, **kw):  # the resident memory at the end of every step (activations freed)
+        logs = fake_step(*args, **kw)
+        resident.append(int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+        return logs
+
+    dmd2.fake_step = measured_fake_step
+    train_dmd2(cfg, teacher, real, out, progress=False, accelerator=accelerator)
+    (out / f"resident_{accelerator.process_index}.json").write_text(json.dumps(resident))
 
 
 def measure(teacher: Path, data: Path, out: Path, processes: int, extra: list[str], steps: int, port: int) -> dict:
@@ -148,7 +159,9 @@ def measure(teacher: Path, data: Path, out: Path, processes: int, extra: list[st
     if code:
         raise RuntimeError(f"training failed: {done.stderr}")
     training = json.loads((out / "student" / "fewstep_student.json").read_text())["training"]
-    return {"peak_bytes": peak_kb * 1024, "seconds_per_step": training["train_seconds"] / training["steps_done"]}
+    steady = max(max(json.loads(f.read_text())) for f in out.glob("resident_*.json"))
+    return {"peak_bytes": peak_kb * 1024, "steady_bytes": steady,
+            "seconds_per_step": training["train_seconds"] / training["steps_done"]}
 
 
 def bench(widths: list[int], steps: int) -> dict:
@@ -170,9 +183,12 @@ def bench(widths: list[int], steps: int) -> dict:
     lo, hi = widths[0], widths[-1]
     table = []
     for name, (processes, _, formula) in VARIANTS.items():
-        slope = (runs[name][hi]["peak_bytes"] - runs[name][lo]["peak_bytes"]) / (params[hi] - params[lo])
+        def slope(key: str, name: str = name) -> float:
+            return (runs[name][hi][key] - runs[name][lo][key]) / (params[hi] - params[lo])
+
         table.append({"variant": name, "processes": processes, "formula_bytes_per_param": formula(processes),
-                      "measured_bytes_per_param": slope,
+                      "measured_bytes_per_param": slope("steady_bytes"), "peak_bytes_per_param": slope("peak_bytes"),
+                      "steady_mib": {str(w): runs[name][w]["steady_bytes"] / 2**20 for w in widths},
                       "peak_mib": {str(w): runs[name][w]["peak_bytes"] / 2**20 for w in widths},
                       "seconds_per_step": {str(w): runs[name][w]["seconds_per_step"] for w in widths}})
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "steps": steps, "widths": widths,
@@ -197,14 +213,20 @@ def markdown(report: dict) -> str:
              f"({report['cores']} cores), CPU processes (gloo), pixel UNet teachers with SD 1.5's channel ratios at "
              f"widths {', '.join(map(str, w))} ({sizes} parameters), 16x16 images, batch 2 per process, "
              f"{report['steps']} steps, fp32.", "",
-             "| configuration | processes | peak MiB per process (" + " / ".join(f"width {x}" for x in w) +
-             ") | s/step (" + " / ".join(f"width {x}" for x in w) + ") | bytes per parameter, measured | "
-             "formula |", "|---|---|---|---|---|---|"]
+             "Per process (the largest): **resident** memory at the end of a training step (what training holds: "
+             "weights, gradients, optimizer state, activations freed) and the **high-water** mark of the whole "
+             "run (loading, the copies made before sharding, the end-of-run checkpoint and bundle). Bytes per "
+             "parameter: the slope between the two widths.", "",
+             "| configuration | processes | resident MiB (" + " / ".join(f"width {x}" for x in w) +
+             ") | high-water MiB | s/step | B/param, resident | B/param, formula | B/param, high-water |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["table"]:
         lines.append(f"| {r['variant']} | {r['processes']} | "
+                     + " / ".join(f"{r['steady_mib'][str(x)]:.0f}" for x in w) + " | "
                      + " / ".join(f"{r['peak_mib'][str(x)]:.0f}" for x in w) + " | "
                      + " / ".join(f"{r['seconds_per_step'][str(x)]:.2f}" for x in w) + " | "
-                     f"{r['measured_bytes_per_param']:.1f} | {r['formula_bytes_per_param']:.1f} |")
+                     f"{r['measured_bytes_per_param']:.1f} | {r['formula_bytes_per_param']:.1f} | "
+                     f"{r['peak_bytes_per_param']:.1f} |")
     lines += ["", "The formula at the public teachers' sizes (weights, gradients and AdamW state per process; "
               "activations come on top):", "", *extrapolation(report)]
     return "\n".join(lines) + "\n"

@@ -63,10 +63,11 @@ def shard(module: nn.Module) -> nn.Module:
 
 
 def full_state(module: nn.Module) -> dict:
-    """The module's full (unsharded) state dict on CPU, on every process (a collective: all must call it)."""
+    """The module's full (unsharded) state dict, in CPU memory on the main process (the others get an empty dict):
+    a collective, every process calls it. Gathered a tensor at a time, so no device ever holds the whole."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(module: nn.Module, state: dict) -> None:
@@ -77,9 +78,10 @@ def load_full_state(module: nn.Module, state: dict) -> None:
 
 
 def full_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The optimizer's full state, as full_state: on the main process's CPU memory, a collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True))
+    return get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
@@ -89,7 +91,8 @@ def load_full_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer, sta
 
 
 def full_tensors(tensors: dict) -> dict:
-    """{name: full tensor} of a dict of (possibly sharded) tensors, e.g. an EMA of sharded weights (collective)."""
+    """{name: full tensor} in CPU memory of a dict of (possibly sharded) tensors, e.g. an EMA of sharded weights;
+    a collective, gathered a tensor at a time."""
     from torch.distributed.tensor import DTensor
 
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in tensors.items()}

@@ -36,6 +36,18 @@ def two_processes(port: int) -> list[str]:
             "-m", "distill.run"]
 
 
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def two_sharded_and_one(args: list[str], out: Path, port: int) -> None:
+    """out/two: 2 processes x batch 2 with fsdp; out/one: 1 process x batch 4, no sharding."""
+    run(two_processes(port) + args + ["--out", str(out / "two"), "--batch-size", "2", "--set", "fsdp=true"])
+    run([sys.executable, "-m", "distill.run"] + args + ["--out", str(out / "one"), "--batch-size", "4"])
+
+
 def relative_difference(a: dict, b: dict, start: dict) -> float:
     """Summed |a - b| over summed |a - start|: how far two runs ended apart, against how far training moved."""
     moved = sum((a[k] - start[k]).abs().sum().item() for k in a)
@@ -54,15 +66,7 @@ def test_fsdp_two_processes_match_one_process(setup, tmp_path):
     """The generator is updated at steps 0 and 2 with a no-grad forward between (step 1): the path where a sharded
     root left gathered once trained wrong."""
     teacher, data = setup
-    args = common(teacher, data)
-    two = subprocess.run(two_processes(29541) + args + ["--out", str(tmp_path / "two"), "--batch-size", "2",
-                                                         "--set", "fsdp=true"],
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "distill.run"] + args + ["--out", str(tmp_path / "one"),
-                                                                        "--batch-size", "4"],
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    two_sharded_and_one(common(teacher, data), tmp_path, 29541)
     start = load_file(teacher / "unet" / "diffusion_pytorch_model.safetensors")
     # as the DDP test: Adam's first steps are +-lr wherever a gradient is non-zero, so weights whose gradient is
     # float noise may differ; a process training on its half alone, or on stale shards, moves most of them
@@ -75,9 +79,7 @@ def test_fsdp_run_killed_with_sigkill_resumes_to_the_same_weights(setup, tmp_pat
     teacher, data = setup
     args = common(teacher, data, steps=5) + ["--batch-size", "2", "--set", "fsdp=true", "--set",
                                              "checkpoint_every=1", "--set", "log_every=1", "--set", "ema_decay=0.9"]
-    whole = subprocess.run(two_processes(29542) + args + ["--out", str(tmp_path / "whole")], cwd=REPO, env=ENV,
-                           capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    run(two_processes(29542) + args + ["--out", str(tmp_path / "whole")])
 
     out = tmp_path / "killed"
     process = subprocess.Popen(two_processes(29543) + args + ["--out", str(out)], cwd=REPO, env=ENV,
@@ -89,10 +91,7 @@ def test_fsdp_run_killed_with_sigkill_resumes_to_the_same_weights(setup, tmp_pat
     os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers, mid-run: no handler runs
     process.wait()
     assert not (out / "student").exists() and 1 <= load_state(out / "state.safetensors")["step"] < 5
-    resumed = subprocess.run(two_processes(29544) + args + ["--out", str(out)], cwd=REPO, env=ENV,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming from step" in resumed.stdout
+    assert "resuming from step" in run(two_processes(29544) + args + ["--out", str(out)]).stdout
     start = load_file(teacher / "unet" / "diffusion_pytorch_model.safetensors")
     assert relative_difference(unet_weights(tmp_path / "whole" / "student"), unet_weights(out / "student"),
                                start) < 1e-6
@@ -119,14 +118,7 @@ def test_fsdp_sfd_v_two_processes_match_one_process(setup, tmp_path):
     teacher, _ = setup
     args = ["--preset", "pixel-sfd", "--teacher", str(teacher), "--steps", "3", "--set", "nfes=[2,3]", "--set",
             "lr=1e-3", "--set", "teacher_steps=2", "--eval-samples", "0", "--no-progress", "--cpu"]
-    two = subprocess.run(two_processes(29545) + args + ["--out", str(tmp_path / "two"), "--batch-size", "2",
-                                                         "--set", "fsdp=true"],
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "distill.run"] + args + ["--out", str(tmp_path / "one"),
-                                                                        "--batch-size", "4"],
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    two_sharded_and_one(args, tmp_path, 29545)
     start = load_file(teacher / "unet" / "diffusion_pytorch_model.safetensors")
     assert relative_difference(unet_weights(tmp_path / "one" / "student"),
                                unet_weights(tmp_path / "two" / "student"), start) < 1e-3
