@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.runtime_bench import cpu_name
+from benchmarks.runtime_bench import cpu_name, write_report
 from fewstep.errors import cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,10 +246,7 @@ def main(argv=None):
     if args.worker:
         return worker(args.teacher, args.data, args.out, args.steps, args.set)
     report = bench([int(x) for x in args.widths.split(",")], args.steps)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,14 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def write_report(out: Path, report: dict, text: str) -> None:
+    """OUT.json (the figures) and OUT.md (`text`, the page the docs quote), then the page on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
 def time_calls(fn, seconds: float, min_calls: int = 5, warmup: int = 3) -> np.ndarray:
     """Milliseconds of repeated fn() calls (after `warmup` untimed ones), for about `seconds` in all."""
     for _ in range(warmup):

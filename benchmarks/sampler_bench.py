@@ -8,14 +8,13 @@ client of a graph server sends it). Both with the same intra-op threads. Writes 
 """
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.runtime_bench import cpu_name, time_interleaved
+from benchmarks.runtime_bench import cpu_name, time_interleaved, write_report
 from export.sampler import sampler_name, write_sampler
 from fewstep.errors import cli_main
 from runtime.noise import request_noise
@@ -77,10 +76,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.json")
     args = p.parse_args(argv)
     report = bench(args.engine, args.nfe, [int(b) for b in args.batches.split(",")], args.threads, args.seconds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ The servers run in their own processes on the same cores as the clients. Writes 
 """
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.runtime_bench import cpu_name
+from benchmarks.runtime_bench import cpu_name, write_report
 from fewstep.errors import UserError, cli_main
 from runtime.pipeline import Pipeline
 
@@ -208,10 +207,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.json")
     args = p.parse_args(argv)
     report = bench(args.engine, args.clients, args.seconds, args.queue_delay_us)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown(report))
     if any(r["errors"] for r in report["results"].values()):
         raise SystemExit(1)
 

@@ -71,13 +71,11 @@ class GraphBuilder:
         return self.op("Add", [self.scale(a, x), self.scale(b, y)])
 
 
-def hoist_constants(network):
-    """A copy of `network` with its Constant nodes turned into initializers, so the unrolled calls share them as
-    they share the weights (the exporter leaves folded tensors, some of them weight-sized, as Constant nodes)."""
-    from onnx import ModelProto, helper
+def hoist_constants(model) -> None:
+    """Turn `model`'s Constant nodes into initializers, in place, so the unrolled calls share them as they share the
+    weights (the exporter leaves folded tensors, some of them weight-sized, as Constant nodes)."""
+    from onnx import helper
 
-    model = ModelProto()
-    model.CopyFrom(network)
     kept = []
     for node in model.graph.node:
         value = [a for a in node.attribute if a.name == "value"] if node.op_type == "Constant" else []
@@ -89,7 +87,6 @@ def hoist_constants(network):
             kept.append(node)
     del model.graph.node[:]
     model.graph.node.extend(kept)
-    return model
 
 
 def copy_network_call(b: GraphBuilder, network, prefix: str, feeds: dict[str, str]) -> str:
@@ -117,14 +114,10 @@ def copy_network_call(b: GraphBuilder, network, prefix: str, feeds: dict[str, st
     return rename(graph.output[0].name)
 
 
-def prefixed(model, prefix: str):
-    """A copy of `model` whose every tensor name (initializers included) starts with `prefix`: a second network
-    (the VAE decoder) whose weight names could collide with the first's."""
-    from onnx import ModelProto
-
-    out = ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
+def add_prefix(model, prefix: str) -> None:
+    """Start every tensor name of `model` but its inputs (initializers included) with `prefix`, in place: a second
+    network (the VAE decoder) whose weight names could collide with the first's."""
+    graph = model.graph
     inputs = {i.name for i in graph.input}
     for t in graph.initializer:
         t.name = prefix + t.name
@@ -134,13 +127,13 @@ def prefixed(model, prefix: str):
         node.name = prefix + (node.name or node.output[0])
     for o in graph.output:
         o.name = prefix + o.name
-    return out
 
 
 def sampler_graph(network, manifest: dict, nfe: int, decoder=None):
     """The ONNX model of `nfe`-step sampling through `network` (an onnx.ModelProto of the engine's network file, its
     weights loaded), following the manifest's schedule for `nfe`; latent engines: `decoder` (the engine's VAE
-    decoder, latents -> image in [-1, 1]) after the loop."""
+    decoder, latents -> image in [-1, 1]) after the loop. Both are rewritten in place and their weights move into
+    the result: pass models loaded for this (a UNet's protobuf is gigabytes; no copy is made)."""
     from onnx import TensorProto, helper
 
     schedule = manifest["schedules"].get(str(nfe))
@@ -154,7 +147,7 @@ def sampler_graph(network, manifest: dict, nfe: int, decoder=None):
         raise UserError("a latent engine's sampler graph needs its VAE decoder (write_sampler reads it from the "
                         "engine folder)")
     names = [i["name"] for i in manifest["inputs"]]
-    network = hoist_constants(network)
+    hoist_constants(network)
     image = manifest["image"]
     c, h, w = image["channels"], image["height"], image["width"]
     x_shape = list(image.get("latent_shape") or (c, h, w))
@@ -199,7 +192,8 @@ def sampler_graph(network, manifest: dict, nfe: int, decoder=None):
             x = b.op("Add", [x0, b.scale(step["renoise_sigma"], draw(i + 1))], "x")
     final = x if schedule["renoise"] == "none" else x0
     if latent:  # the VAE decoder once, its weights under their own prefix
-        decoder = prefixed(hoist_constants(decoder), "vae/")
+        hoist_constants(decoder)
+        add_prefix(decoder, "vae/")
         final = copy_network_call(b, decoder, "", {decoder.graph.input[0].name: final})
         b.initializers.extend(decoder.graph.initializer)
     # uint8 as runtime.to_uint8: round((clip(x, -1, 1) + 1) * 127.5), half to even, channels last
