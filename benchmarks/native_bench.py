@@ -5,6 +5,8 @@ Per precision and batch size, three variants are timed in turns of ~0.1 s (so th
 three alike): the whole request through libfewstep (called through ctypes: one C call), the whole request through
 `runtime.Pipeline` (backend openvino-cpu), and the bare network call (OpenVINO's Python API, the compiled model for
 that batch with the runtime's settings and an infer request whose inputs are already set: the floor for one call).
+Beside them, the same bare call through ONNX Runtime at the given threads and at one thread (its fastest setting for
+int8 at batch 1), so the table shows the fastest network call this CPU makes, whichever library makes it.
 The engine's NFE is its default; for a 1-step student one request is one network call. Writes OUT.md and OUT.json.
 """
 
@@ -69,7 +71,18 @@ def bare_call(engine: Path, precision: str, pipe: Pipeline, labels, n: int, thre
         feed["nfe"] = np.full(n, schedule["nfe"], np.int64)
     for name, value in feed.items():
         request.set_tensor(name, ov.Tensor(np.ascontiguousarray(value)))
-    return request.infer
+    return request.infer, feed
+
+
+def bare_onnxruntime(engine: Path, precision: str, pipe: Pipeline, feed: dict, threads: int):
+    """The same network call through ONNX Runtime's Python API (its C++ session; inputs made once)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(engine / pipe.manifest["files"][precision]["path"]), options,
+                                   providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, feed)
 
 
 def measure(engine: Path, lib_path: Path, precisions: list[str], batches: list[int], threads: int,
@@ -96,12 +109,14 @@ def measure(engine: Path, lib_path: Path, precisions: list[str], batches: list[i
             def python(n=n, conditions=conditions, pipe=pipe):
                 return pipe.generate(conditions, n=None if conditions is not None else n, seed=0, batch_size=n)
 
-            bare = bare_call(engine, precision, pipe, labels, n, threads)
+            bare, feed = bare_call(engine, precision, pipe, labels, n, threads)
+            ort_n = bare_onnxruntime(engine, precision, pipe, feed, threads)
+            ort_1 = bare_onnxruntime(engine, precision, pipe, feed, 1)
             native()  # warm-up: compiles this batch size
             want = python().images
             assert images.tobytes() == want.tobytes(), "the native library and the Python runtime disagree"
-            times = time_interleaved([native, python, bare], seconds)
-            ms = {k: float(np.median(t)) for k, t in zip(("native", "python", "bare"), times)}
+            times = time_interleaved([native, python, bare, ort_n, ort_1], seconds)
+            ms = {k: float(np.median(t)) for k, t in zip(("native", "python", "bare", "ort", "ort_1thread"), times)}
             rows.append({"precision": precision, "batch": n, **{f"{k}_ms": round(v, 4) for k, v in ms.items()},
                          "native_per_image_ms": round(ms["native"] / n, 4),
                          "native_vs_bare": round(ms["native"] / ms["bare"] - 1, 4),
@@ -114,12 +129,13 @@ def measure(engine: Path, lib_path: Path, precisions: list[str], batches: list[i
 def markdown(result: dict) -> str:
     lines = [f"Machine: {result['cpu']}; threads: {result['threads']}. Command: `{result['command']}`", "",
              "p50 latency of one request (ms); the native library and the Python runtime make the whole request "
-             "(noise, loop, uint8), the bare call is one network call with its inputs already set.", "",
-             "| precision | batch | libfewstep | Python runtime | bare OpenVINO call | libfewstep per image | "
-             "libfewstep vs bare | Python vs bare |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "(noise, loop, uint8), the bare calls are one network call with its inputs already set.", "",
+             "| precision | batch | libfewstep | Python runtime | bare OpenVINO call | bare ONNX Runtime call | "
+             "same, 1 thread | libfewstep per image | libfewstep vs bare OpenVINO | Python vs bare OpenVINO |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['precision']} | {r['batch']} | {r['native_ms']:.3f} | {r['python_ms']:.3f} | "
-                     f"{r['bare_ms']:.3f} | {r['native_per_image_ms']:.3f} | {100 * r['native_vs_bare']:+.1f} % | "
+                     f"{r['bare_ms']:.3f} | {r['ort_ms']:.3f} | {r['ort_1thread_ms']:.3f} | {r['native_per_image_ms']:.3f} | {100 * r['native_vs_bare']:+.1f} % | "
                      f"{100 * r['python_vs_bare']:+.1f} % |")
     return "\n".join(lines) + "\n"
 
