@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from distill.errors import UserError
 
@@ -58,22 +58,35 @@ def save_state(path: str | Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_state(path: str | Path) -> dict:
-    """Read a state written by `save_state`; a damaged file is a clear UserError."""
+def load_state(path: str | Path, leave_out: tuple[str, ...] = ()) -> dict:
+    """Read a state written by `save_state`; a damaged file is a clear UserError. The top-level entries named in
+    `leave_out` come back as {} without being read (a process that gets them from another one)."""
     path = Path(path)
     try:
-        tensors = load_file(str(path))
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        skeleton = json.loads(meta[_META_KEY])
+            skeleton = json.loads(meta[_META_KEY])
+            if leave_out and "__dict__" in skeleton:
+                skeleton = {"__dict__": [[k, {"__dict__": []} if k in leave_out else v]
+                                         for k, v in skeleton["__dict__"]]}
+            tensors = {name: f.get_tensor(name) for name in _tensor_names(skeleton)}
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise UserError(
             f"training checkpoint {path} is unreadable or not a fewstep state ({type(e).__name__}: {e}); "
             f"delete it (or choose another output folder) to start over"
         ) from None
     return _unflatten(skeleton, tensors)
+
+
+def _tensor_names(node) -> list[str]:
+    if isinstance(node, dict):
+        if "__tensor__" in node:
+            return [node["__tensor__"]]
+        children = [v for _, v in node["__dict__"]] if "__dict__" in node else node.get("__list__", [])
+        return [name for child in children for name in _tensor_names(child)]
+    return []
 
 
 def rng_state() -> dict:

@@ -467,6 +467,11 @@ def run(args) -> Path:
                             accelerator=accelerator, score=score)
     if not main:
         return bundle
+    if getattr(cfg, "teacher_dtype", "fp32") != "fp32" or getattr(cfg, "fsdp_shard_teacher", False):
+        # training cast the teacher's weights or sharded them across the processes: the pictures and metrics
+        # below need it whole, in full precision, on this process
+        teacher = load_teacher(teacher_dir)
+        teacher.to(accelerator.device)
 
     loss_plot(out / "metrics.jsonl", out / "losses.png")
     if teacher.conditioning == "text":  # sample_student / sample_teacher take class labels, not prompts

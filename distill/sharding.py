@@ -12,6 +12,9 @@ Checkpoints hold full tensors, gathered from the shards (a collective: every pro
 run resumes under FSDP with any process count, or without it.
 """
 
+import copy
+import itertools
+
 import torch
 from torch import nn
 
@@ -62,6 +65,53 @@ def shard(module: nn.Module) -> nn.Module:
     return module
 
 
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters and buffers are on PyTorch's meta device: its structure, no memory."""
+    memo = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(module, memo)
+
+
+def tensors(module: nn.Module) -> dict:
+    """Every parameter and buffer of `module` by name, persistent or not (what a meta copy is filled from)."""
+    return dict(module.named_parameters()) | dict(module.named_buffers())
+
+
+def shard_from(module: nn.Module, values: dict, device: torch.device) -> nn.Module:
+    """Shard `module`, built by meta_copy (plus any real-valued parts added since, such as a fresh head), and fill
+    it: `values[name]` (full tensors, e.g. the teacher's) for what is on the meta device, its own values for the
+    rest. So each process holds only its shards of the copy, never the whole (the teacher's full weights, which
+    every process has loaded anyway, are the only full copy)."""
+    own = {k: v.detach().clone() for k, v in tensors(module).items() if not v.is_meta}
+    missing = [k for k, v in tensors(module).items() if v.is_meta and k not in values]
+    if missing:
+        raise ValueError(f"no values for {', '.join(missing[:3])}")
+    full = {k: own[k] if k in own else values[k] for k in tensors(module)}
+    module.to_empty(device="meta")  # all of it on meta, so the shards are made without memory
+    shard(module)
+    module.to_empty(device=device)
+    load_full_state(module, {k: full[k] for k in module.state_dict()})
+    with torch.no_grad():  # FSDP2 leaves buffers whole; non-persistent ones are not in the state dict
+        for name, buffer in module.named_buffers():
+            buffer.copy_(full[name])
+    return module
+
+
+def filled(template: nn.Module, weights: dict, buffers_from: nn.Module) -> nn.Module:
+    """`template` (a meta_copy) made real on the CPU: `weights` (a full state dict) loaded strictly, the buffers
+    outside the state dict (non-persistent ones) copied from `buffers_from`, a module of the same layout."""
+    template.to_empty(device="cpu")
+    template.load_state_dict(weights, strict=True)
+    source = dict(buffers_from.named_buffers())
+    with torch.no_grad():
+        for name, buffer in template.named_buffers():
+            if name not in weights:
+                buffer.copy_(source[name])
+    return template
+
+
 def full_state(module: nn.Module) -> dict:
     """The module's full (unsharded) state dict, in CPU memory on the main process (the others get an empty dict):
     a collective, every process calls it. Gathered a tensor at a time, so no device ever holds the whole."""
@@ -70,11 +120,14 @@ def full_state(module: nn.Module) -> dict:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state(module: nn.Module, state: dict) -> None:
-    """Load a full state dict into a sharded module (each process keeps its shard)."""
+def load_full_state(module: nn.Module, state: dict, from_main: bool = False) -> None:
+    """Load a full state dict into a sharded module (each process keeps its shard). from_main: only the main
+    process has read `state` (the others pass {}); it sends each tensor in turn, so no other process ever holds the
+    full state (a resumed checkpoint)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=True))
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=True,
+                                                                 broadcast_from_rank0=from_main))
 
 
 def full_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer) -> dict:
@@ -84,10 +137,13 @@ def full_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer) -> dict:
     return get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+def load_full_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer, state: dict,
+                              from_main: bool = False) -> None:
+    """As load_full_state, for the optimizer's state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(module, opt, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(module, opt, state, options=StateDictOptions(full_state_dict=True,
+                                                                          broadcast_from_rank0=from_main))
 
 
 def full_tensors(tensors: dict) -> dict:
@@ -99,11 +155,18 @@ def full_tensors(tensors: dict) -> dict:
 
 
 def like(full: dict, sharded: dict) -> dict:
-    """Full tensors (a checkpoint's EMA) laid out as the matching sharded ones: each process keeps its shard."""
+    """Full tensors (a checkpoint's EMA, read by the main process only: the others pass {}) laid out as the
+    matching sharded ones: the main process sends them, each process keeps its shard."""
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     out = {}
     for k, ref in sharded.items():
-        value = full[k].to(ref.device, ref.dtype)
-        out[k] = distribute_tensor(value, ref.device_mesh, ref.placements) if isinstance(ref, DTensor) else value
+        value = full[k].to(ref.device, ref.dtype) if k in full else torch.empty(ref.shape, dtype=ref.dtype,
+                                                                                device=ref.device)
+        if isinstance(ref, DTensor):  # scattered from rank 0 (distribute_tensor's default source)
+            out[k] = distribute_tensor(value, ref.device_mesh, ref.placements)
+        else:
+            dist.broadcast(value, src=0)
+            out[k] = value
     return out

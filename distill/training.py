@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from distill.checkpoint import load_state, rng_state, save_state, set_rng_state, truncate_log
@@ -32,6 +33,35 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     if precision not in ("no", "bf16", "fp16"):
         raise UserError(f"mixed_precision must be no, bf16 or fp16, got {precision!r}")
     return precision
+
+
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check_teacher_dtype(name: str) -> None:
+    if name == "fp16":
+        raise UserError("teacher_dtype=fp16 is refused: DMD2's reference diverged in fp16; use teacher_dtype=bf16"
+                        " (half the memory too) or fp32")
+    if name not in TEACHER_DTYPES:
+        raise UserError(f"teacher_dtype must be fp32 or bf16, got {name!r}")
+
+
+class LowPrecisionTeacher(nn.Module):
+    """The frozen teacher with its network's weights cast to `dtype` in place (bf16: half of fp32's memory),
+    called under autocast to that dtype so fp32 inputs meet them; x0 comes back in fp32. The denoiser's scalings
+    around the network (c_skip, c_out, in float64 / fp32) and its buffers stay as they were. The teacher object is
+    changed: load it again to use it in full precision afterwards."""
+
+    def __init__(self, denoiser: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.denoiser, self.dtype = denoiser, dtype
+        with torch.no_grad():
+            for p in denoiser.net.parameters():
+                p.data = p.data.to(dtype)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.denoiser(x, sigma, cond).float()
 
 
 def autocast(device: torch.device, precision: str):
@@ -106,7 +136,7 @@ def run_loop(*, out_dir: Path, config: dict, steps: int, checkpoint_every: int, 
              train_step: Callable[[int], dict], get_state: Callable[[], dict], set_state: Callable[[dict], None],
              progress: bool = True, desc: str = "train",
              resumable: tuple[str, ...] = RESUMABLE_CHANGES, defaults: dict | None = None,
-             collective_state: bool = False) -> tuple[int, float]:
+             collective_state: bool = False, main_only: tuple[str, ...] = ()) -> tuple[int, float]:
     """Run `train_step(step)` for step = (resumed step) .. steps-1; returns (steps done, training seconds).
 
     out_dir/state.safetensors holds the method's state plus the step, wall time, global RNG state and config;
@@ -116,14 +146,16 @@ def run_loop(*, out_dir: Path, config: dict, steps: int, checkpoint_every: int, 
     schedule depends on `steps` leaves it out). `defaults`: the config's default values; a setting the saved
     config lacks (added to fewstep after the state was written) counts as its default, which by convention is the
     behaviour the older version had. `collective_state`: get_state gathers sharded tensors, so every process calls
-    it (the main one writes the file).
+    it (the main one writes the file). `main_only`: entries of the state that only the main process reads on
+    resume (the others get {}): set_state sends them on (sharded weights and optimizer state), so no other process
+    holds the whole checkpoint.
     """
     out_dir = Path(out_dir)
     state_path = out_dir / STATE_NAME
     config = jsonable(config)
     step, elapsed = 0, 0.0
     if state_path.exists():
-        state = load_state(state_path)
+        state = load_state(state_path, leave_out=() if accelerator.is_main_process else main_only)
         saved = jsonable(defaults or {}) | state.get("config", {})
         saved = {k: v for k, v in saved.items() if k not in resumable}
         wanted = {k: v for k, v in config.items() if k not in resumable}

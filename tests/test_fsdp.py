@@ -75,6 +75,22 @@ def test_fsdp_two_processes_match_one_process(setup, tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp_with_the_teacher_sharded_in_bf16_matches_one_process(setup, tmp_path):
+    """The frozen teacher sharded too, its weights in bf16, the fused AdamW: two processes train what one does
+    with the same bf16 teacher; after training the main process draws samples.png from the teacher loaded again
+    (whole, fp32), where a sharded one would wait forever for the other process."""
+    teacher, data = setup
+    args = common(teacher, data) + ["--set", "teacher_dtype=bf16", "--set", "optimizer=fused"]
+    run(two_processes(29546) + args + ["--out", str(tmp_path / "two"), "--batch-size", "2", "--set", "fsdp=true",
+                                       "--set", "fsdp_shard_teacher=true"])
+    run([sys.executable, "-m", "distill.run"] + args + ["--out", str(tmp_path / "one"), "--batch-size", "4"])
+    start = load_file(teacher / "unet" / "diffusion_pytorch_model.safetensors")
+    assert relative_difference(unet_weights(tmp_path / "one" / "student"),
+                               unet_weights(tmp_path / "two" / "student"), start) < 1e-3
+    assert (tmp_path / "two" / "samples.png").exists()
+
+
+@pytest.mark.slow
 def test_fsdp_run_killed_with_sigkill_resumes_to_the_same_weights(setup, tmp_path):
     teacher, data = setup
     args = common(teacher, data, steps=5) + ["--batch-size", "2", "--set", "fsdp=true", "--set",

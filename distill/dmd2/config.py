@@ -40,8 +40,15 @@ class DMD2Config:
     init_generator: str | None = None
     # Shard the generator and the fake score (weights, gradients, optimizer state) across the launched processes
     # with FSDP2 (distill/sharding.py); the frozen teacher is replicated, or sharded too with fsdp_shard_teacher.
+    # Each process builds its shards of the two copies directly (no full copy before sharding).
     fsdp: bool = False
     fsdp_shard_teacher: bool = False
+    # The frozen teacher's weights: "fp32", or "bf16" (half the memory; its calls run under bf16 autocast, as they
+    # do anyway with mixed_precision=bf16). fp16 is refused: the reference diverged in it. Replicated or sharded.
+    teacher_dtype: str = "fp32"
+    # The optimizers' implementation (distill/optimizers.py): "default" (PyTorch's), "fused" (PyTorch's fused
+    # kernel: less peak memory at the step), "8bit" (torchao: 8-bit moments, 2 instead of 8 bytes per parameter)
+    optimizer: str = "default"
     # Recompute the generator's and the fake score's activations in the backward instead of keeping them (less
     # memory, about a third more compute); the frozen teacher never keeps activations.
     gradient_checkpointing: bool = False

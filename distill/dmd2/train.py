@@ -24,8 +24,17 @@ from distill.dmd2.config import DMD2Config, gan_enabled, lr_at, served_nfes, stu
 from distill.dmd2.fake_score import BottleneckTap, FakeScore, GANHead
 from distill.dmd2.updates import Nets, fake_step, generator_step
 from distill.errors import UserError
+from distill.optimizers import check_optimizer, make_optimizer
 from distill.teachers.denoiser import guided
-from distill.training import RESUMABLE_CHANGES, autocast, resolve_precision, run_loop
+from distill.training import (
+    RESUMABLE_CHANGES,
+    TEACHER_DTYPES,
+    LowPrecisionTeacher,
+    autocast,
+    check_teacher_dtype,
+    resolve_precision,
+    run_loop,
+)
 
 
 @torch.no_grad()
@@ -55,6 +64,11 @@ def check_setup(cfg: DMD2Config, teacher, real_data, pairs, score=None) -> None:
     student_sigmas = schedule.student_sigmas(ts)  # checks them against the teacher's own time
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.dfake_gen_update_ratio < 1:
         raise UserError("steps, batch_size and dfake_gen_update_ratio must be positive")
+    check_teacher_dtype(cfg.teacher_dtype)
+    check_optimizer(cfg.optimizer, cfg.fsdp)
+    if cfg.fsdp_shard_teacher and not cfg.fsdp:
+        raise UserError("fsdp_shard_teacher shards the frozen teacher with the trained copies: add fsdp=true (and "
+                        "launch several processes), or drop it")
     if not 0 <= cfg.min_t < cfg.max_t <= 1:
         raise UserError(f"need 0 <= min_t < max_t <= 1, got {cfg.min_t}, {cfg.max_t}")
     if gan_enabled(cfg) and real_data is None:
@@ -115,19 +129,23 @@ def add_lora(backbone, rank: int) -> None:
     backbone.set_network(get_peft_model(backbone.network, config))
 
 
-def start_from_student(generator, bundle_dir: str) -> None:
-    """Load a student bundle's network into the generator, strictly: same architecture and prediction type."""
+def student_weights(generator, bundle_dir: str) -> dict:
+    """A student bundle's network weights for the generator, named as in the generator (net.network.*), checked
+    strictly against its layout (which may be on the meta device): same architecture and prediction type."""
     from distill.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
     if bundle.denoiser.prediction_type != generator.prediction_type:
         raise UserError(f"init_generator {bundle_dir} predicts {bundle.denoiser.prediction_type}, this teacher "
                         f"{generator.prediction_type}: start from a student of this teacher")
-    try:
-        generator.net.network.load_state_dict(bundle.denoiser.net.network.state_dict(), strict=True)
-    except RuntimeError as e:
-        raise UserError(f"init_generator {bundle_dir} is not a student of this teacher (its network differs: "
-                        f"{str(e).splitlines()[0]})") from None
+    theirs = bundle.denoiser.net.network.state_dict()
+    ours = generator.net.network.state_dict()
+    differ = sorted(k for k in theirs.keys() | ours.keys()
+                    if k not in theirs or k not in ours or theirs[k].shape != ours[k].shape)
+    if differ:
+        raise UserError(f"init_generator {bundle_dir} is not a student of this teacher (its network differs at "
+                        f"{', '.join(differ[:3])})")
+    return {f"net.network.{k}": v for k, v in theirs.items()}
 
 
 def student_backbone(generator, weights: dict | None):
@@ -173,12 +191,17 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
 
     student_sigmas = schedule.student_sigmas(student_times(cfg, schedule)).to(device)  # (K,) float64
 
-    # The three networks: the teacher stays frozen; fake score and generator are trainable copies.
+    # The three networks: the teacher stays frozen; fake score and generator are trainable copies. Under fsdp each
+    # process builds its shards of the copies from the teacher's weights, never a whole copy (sharding.shard_from).
     real = teacher.denoiser.eval().requires_grad_(False)
-    fake_denoiser = copy.deepcopy(real).train().requires_grad_(True)
-    generator = copy.deepcopy(real).train().requires_grad_(True)
+    copy_of = sharding.meta_copy if cfg.fsdp else copy.deepcopy
+    fake_denoiser = copy_of(real).train().requires_grad_(True)
+    generator = copy_of(real).train().requires_grad_(True)
+    start = sharding.tensors(real)  # the generator's first weights, by name
     if cfg.init_generator:
-        start_from_student(generator, cfg.init_generator)
+        start = start | student_weights(generator, cfg.init_generator)
+        if not cfg.fsdp:
+            generator.load_state_dict({k: v for k, v in start.items() if k in generator.state_dict()})
     if cfg.gradient_checkpointing:  # before LoRA wraps the network
         generator.net.enable_checkpointing()
         fake_denoiser.net.enable_checkpointing()
@@ -186,30 +209,29 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
         add_lora(generator.net, cfg.lora_rank)
     head = None
     if gan_enabled(cfg):
-        tap = BottleneckTap(fake_denoiser.net)
+        tap = BottleneckTap(real.net)  # the fake score starts as the teacher: its features have the same shape
         with torch.no_grad():  # one probe forward gives the bottleneck's shape
             probe = torch.zeros(1, *teacher.x_shape, device=device)
-            fake_denoiser(probe, student_sigmas[:1].float(), _probe_cond(teacher, real_data))
+            real(probe, student_sigmas[:1].float(), _probe_cond(teacher, real_data))
         head = GANHead.for_features(tap.pop()).to(device)
         tap.remove()
     fake = FakeScore(fake_denoiser, head, len(student_sigmas) if cfg.fake_per_step else None)
 
+    template = None  # the bundle's network under fsdp: the teacher's layout, filled with the gathered weights
     if cfg.fsdp:  # in place: every call of these objects (trained, no-grad, frozen) gathers the shards it needs
         sharding.check_fsdp(accelerator, cfg.lora_rank, precision)
         if cfg.select_every:
             raise UserError("fsdp with select_every is not supported (the rating runs on one process); set "
                             "select_every=0, or drop fsdp")
-        sharding.shard(generator)
-        sharding.shard(fake)
-    # the bundle's network is written from an unsharded copy of the teacher's: kept aside (on the CPU, main process
-    # only) when the teacher is sharded too
-    template = copy.deepcopy(real.net).cpu() if cfg.fsdp and cfg.fsdp_shard_teacher and accelerator.is_main_process \
-        else None
+        sharding.shard_from(generator, start, device)
+        sharding.shard_from(fake, {f"denoiser.{k}": v for k, v in sharding.tensors(real).items()}, device)
+        template = sharding.meta_copy(real.net)
+    frozen = real if cfg.teacher_dtype == "fp32" else LowPrecisionTeacher(real, TEACHER_DTYPES[cfg.teacher_dtype])
     if cfg.fsdp and cfg.fsdp_shard_teacher:
         sharding.shard(real)
-    adamw = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    opt_g = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_generator, **adamw)
-    opt_f = torch.optim.AdamW(fake.parameters(), lr=cfg.lr_fake, **adamw)  # head and fake backbone: one optimizer
+    adamw = dict(name=cfg.optimizer, decoupled_decay=True, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt_g = make_optimizer([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_generator, **adamw)
+    opt_f = make_optimizer(fake.parameters(), lr=cfg.lr_fake, **adamw)  # head and fake backbone: one optimizer
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
         # The loop calls the same modules for trained, no-grad and frozen forwards: right for DDP (the wrapper
         # sees only the trained one) and for fewstep's FSDP2 (sharded in place), not for accelerate's wrappers.
@@ -220,7 +242,7 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     else:
         generator_train, fake_train, opt_g, opt_f = accelerator.prepare(generator, fake, opt_g, opt_f)
     scale = teacher.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
-    nets = Nets(real, generator, fake, generator_train, fake_train, scale, teacher.uncond,
+    nets = Nets(frozen, generator, fake, generator_train, fake_train, scale, teacher.uncond,
                 real.loss_weighting, float(student_sigmas[0]))
     scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     scaler_f = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -238,18 +260,19 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
                     "opt_fake": sharding.full_optimizer_state(fake, opt_f), "scaler_generator": scaler_g.state_dict(),
                     "scaler_fake": scaler_f.state_dict(), "ema": ema and sharding.full_tensors(ema),
                     "gen": gen.get_state(), "counts": dict(counts), "best": None}
-        return {"generator": generator.net.state_dict(), "fake": fake.state_dict(), "opt_generator": opt_g.state_dict(),
-                "opt_fake": opt_f.state_dict(), "scaler_generator": scaler_g.state_dict(),
-                "scaler_fake": scaler_f.state_dict(), "ema": ema, "gen": gen.get_state(), "counts": dict(counts),
+        return {"generator": generator.net.state_dict(), "fake": fake.state_dict(),
+                "opt_generator": opt_g.state_dict(), "opt_fake": opt_f.state_dict(),
+                "scaler_generator": scaler_g.state_dict(), "scaler_fake": scaler_f.state_dict(), "ema": ema,
+                "gen": gen.get_state(), "counts": dict(counts),
                 "best": best if cfg.select_every else None}
 
     def set_state(state: dict) -> None:
         nonlocal ema
-        if cfg.fsdp:
-            sharding.load_full_state(generator.net, state["generator"])
-            sharding.load_full_state(fake, state["fake"])
-            sharding.load_full_optimizer_state(generator, opt_g, state["opt_generator"])
-            sharding.load_full_optimizer_state(fake, opt_f, state["opt_fake"])
+        if cfg.fsdp:  # read by the main process only, sent to the others tensor by tensor
+            sharding.load_full_state(generator.net, state["generator"], from_main=True)
+            sharding.load_full_state(fake, state["fake"], from_main=True)
+            sharding.load_full_optimizer_state(generator, opt_g, state["opt_generator"], from_main=True)
+            sharding.load_full_optimizer_state(fake, opt_f, state["opt_fake"], from_main=True)
         else:
             generator.net.load_state_dict(state["generator"])
             fake.load_state_dict(state["fake"])
@@ -326,7 +349,9 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
                                  # a cosine LR is a function of `steps`: a resumed run must keep it
                                  resumable=tuple(k for k in RESUMABLE_CHANGES
                                                  if k != "steps" or cfg.lr_schedule == "constant"),
-                                 collective_state=cfg.fsdp)
+                                 collective_state=cfg.fsdp,
+                                 main_only=("generator", "fake", "opt_generator", "opt_fake", "ema") if cfg.fsdp
+                                 else ())
     finally:
         if fake.tap is not None:
             fake.tap.remove()
@@ -345,9 +370,7 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     if cfg.fsdp:  # the full weights, gathered by every process, into an unsharded copy of the teacher's network
         weights = sharding.full_tensors(ema) if ema is not None else sharding.full_state(generator.net)
         if accelerator.is_main_process:
-            net = template if template is not None else copy.deepcopy(real.net)
-            net.load_state_dict(weights)
-            write_bundle(bundle, net, manifest)
+            write_bundle(bundle, sharding.filled(template, weights, real.net), manifest)
     elif accelerator.is_main_process:
         write_bundle(bundle, student_backbone(generator, best["weights"] if selected else ema), manifest)
     accelerator.wait_for_everyone()

@@ -32,7 +32,11 @@ class SFDConfig:
     seed: int = 0
     checkpoint_every: int = 50
     # Shard the student (weights, gradients, optimizer state) across the launched processes with FSDP2
-    # (distill/sharding.py); the frozen teacher is replicated.
+    # (distill/sharding.py), each process building only its shards; the frozen teacher is replicated, or sharded
+    # too with fsdp_shard_teacher.
     fsdp: bool = False
+    fsdp_shard_teacher: bool = False
+    teacher_dtype: str = "fp32"  # the frozen teacher's weights: fp32 or bf16 (half the memory); fp16 is refused
+    optimizer: str = "default"  # Adam's implementation: default, fused or 8bit (distill/optimizers.py)
     gradient_checkpointing: bool = False  # recompute the student's activations in the backward (less memory)
     log_every: int = 1

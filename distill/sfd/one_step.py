@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from distill.bundle import write_bundle
 from distill.errors import UserError
+from distill.optimizers import check_optimizer, make_optimizer
 from distill.sfd.config import SFDConfig
 from distill.sfd.trajectory import afs_step, euler_step, student_sigmas
 from distill.training import autocast, check_finite, optimizer_step, resolve_precision, run_loop
@@ -43,6 +44,10 @@ def train_sfd_one_step(cfg: SFDConfig, out_dir: str | Path, progress: bool = Tru
         raise UserError("the one-step stage needs the SFD or SFD-v student to distil: --source DIR")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise UserError("steps and batch_size must be positive")
+    if cfg.fsdp or cfg.fsdp_shard_teacher or cfg.teacher_dtype != "fp32":
+        raise UserError("the one-step stage fine-tunes the SFD student, replicated on every process (DDP): drop fsdp, "
+                        "fsdp_shard_teacher and teacher_dtype (they apply to SFD's first stage, from the teacher)")
+    check_optimizer(cfg.optimizer, False)
     source = load_bundle(cfg.source)
     if source.manifest["method"] not in ("sfd", "sfd-v"):
         raise UserError(f"{cfg.source} is a {source.manifest['method']} student; SFD's one-step stage starts from an "
@@ -61,7 +66,7 @@ def train_sfd_one_step(cfg: SFDConfig, out_dir: str | Path, progress: bool = Tru
     variable = "nfe_condition" in source.manifest
     source.denoiser.requires_grad_(False)
     student = copy.deepcopy(source.denoiser).train().requires_grad_(True)
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    opt = make_optimizer(student.parameters(), cfg.optimizer, decoupled_decay=False, lr=cfg.lr, betas=cfg.betas)
     student_train, opt = accelerator.prepare(student, opt)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -19,11 +19,21 @@ import torch.nn.functional as F
 from distill import sharding
 from distill.bundle import base_manifest, write_bundle
 from distill.errors import UserError
+from distill.optimizers import check_optimizer, make_optimizer
 from distill.sfd.config import SFD_NFES, SFDConfig
 from distill.sfd.nfe_condition import NFEConditioned, NFEEmbedding, time_embed_dim
 from distill.sfd.trajectory import afs_step, euler_step, sfd_grids, sigma_range, teacher_trajectory
 from distill.teachers.denoiser import guided
-from distill.training import autocast, check_finite, optimizer_step, resolve_precision, run_loop
+from distill.training import (
+    TEACHER_DTYPES,
+    LowPrecisionTeacher,
+    autocast,
+    check_finite,
+    check_teacher_dtype,
+    optimizer_step,
+    resolve_precision,
+    run_loop,
+)
 
 
 def check_setup(cfg: SFDConfig, teacher) -> None:
@@ -45,6 +55,11 @@ def check_setup(cfg: SFDConfig, teacher) -> None:
                         f"lie inside it (got {sigma_min:g} .. {sigma_max:g}): set them with --set, or leave them out")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.teacher_steps < 1:
         raise UserError("steps, batch_size and teacher_steps must be positive")
+    check_teacher_dtype(cfg.teacher_dtype)
+    check_optimizer(cfg.optimizer, cfg.fsdp)
+    if cfg.fsdp_shard_teacher and not cfg.fsdp:
+        raise UserError("fsdp_shard_teacher shards the frozen teacher with the student: add fsdp=true (and launch "
+                        "several processes), or drop it")
     if teacher.conditioning == "text":
         read_prompts(cfg.prompts)
     elif cfg.prompts:
@@ -96,17 +111,25 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
     nfes = tuple(cfg.nfes) if variable else (cfg.nfe,)
     grids = {n: sfd_grids(teacher.denoiser.schedule, n, cfg, sigma_min, sigma_max, device) for n in nfes}
     real = teacher.denoiser.eval().requires_grad_(False)
-    student = copy.deepcopy(real).train().requires_grad_(True)
+    # under fsdp each process builds only its shards of the student, from the teacher's weights
+    student = (sharding.meta_copy if cfg.fsdp else copy.deepcopy)(real).train().requires_grad_(True)
     if cfg.gradient_checkpointing:
         student.net.enable_checkpointing()
     embedding = None
     if variable:  # the step count as an extra condition, zero at the start (student == teacher)
         embedding = NFEEmbedding(time_embed_dim(student.net)).to(device)
         student.net = NFEConditioned(student.net, embedding)
+    template = None  # the bundle's network under fsdp: the teacher's layout, filled with the gathered weights
     if cfg.fsdp:  # in place, before the optimizer sees the parameters
         sharding.check_fsdp(accelerator, None, precision)
-        sharding.shard(student)
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        inner = "net.backbone." if variable else "net."  # where the teacher's network sits in the student
+        sharding.shard_from(student, {inner + k.removeprefix("net.") if k.startswith("net.") else k: v
+                                      for k, v in sharding.tensors(real).items()}, device)
+        template = sharding.meta_copy(real.net)
+    frozen = real if cfg.teacher_dtype == "fp32" else LowPrecisionTeacher(real, TEACHER_DTYPES[cfg.teacher_dtype])
+    if cfg.fsdp and cfg.fsdp_shard_teacher:
+        sharding.shard(real)
+    opt = make_optimizer(student.parameters(), cfg.optimizer, decoupled_decay=False, lr=cfg.lr, betas=cfg.betas)
     if cfg.fsdp:
         student_train = student
     else:
@@ -127,9 +150,9 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
                 "gen": gen.get_state()}
 
     def set_state(state: dict) -> None:
-        if cfg.fsdp:
-            sharding.load_full_state(student.net, state["student"])
-            sharding.load_full_optimizer_state(student, opt, state["opt"])
+        if cfg.fsdp:  # read by the main process only, sent to the others tensor by tensor
+            sharding.load_full_state(student.net, state["student"], from_main=True)
+            sharding.load_full_optimizer_state(student, opt, state["opt"], from_main=True)
         else:
             student.net.load_state_dict(state["student"])
             opt.load_state_dict(state["opt"])
@@ -149,7 +172,7 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
         coarse, fine = grids[nfe]
         student_cond = cond | ({"nfe": torch.full((len(noise),), nfe, device=device)} if variable else {})
         x = noise * coarse[0].item()
-        D_teacher = real if uncond is None else guided(real, scale, uncond)
+        D_teacher = frozen if uncond is None else guided(frozen, scale, uncond)
         with autocast(device, precision):
             target = teacher_trajectory(D_teacher, x, fine, cfg.teacher_steps, cond)
         logs = {}
@@ -173,7 +196,7 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
                              set_state=set_state, progress=progress,
                              desc=f"sfd-v nfe={','.join(map(str, nfes))}" if variable else f"sfd nfe={cfg.nfe}",
                              resumable=("checkpoint_every", "log_every"),  # the LR drop depends on `steps`
-                             collective_state=cfg.fsdp)
+                             collective_state=cfg.fsdp, main_only=("student", "opt") if cfg.fsdp else ())
     entries = {str(n): {"sigmas": [float(s) for s in grids[n][0]], "afs": cfg.afs,
                         "timesteps": [float(t) for t in teacher.denoiser.schedule.sigma_to_t(grids[n][0])]}
                for n in nfes}
@@ -184,11 +207,14 @@ def train_sfd(cfg: SFDConfig, teacher, out_dir: str | Path, progress: bool = Tru
     if cfg.fsdp:  # the full weights, gathered by every process, into an unsharded network of the same layout
         weights = sharding.full_state(student.net)
         if accelerator.is_main_process:
-            net = copy.deepcopy(real.net)
+            inner = "backbone." if variable else ""
+            net = sharding.filled(template, {k.removeprefix(inner): v for k, v in weights.items()
+                                             if k.startswith(inner)}, real.net)
             if variable:
-                embedding = NFEEmbedding(time_embed_dim(net)).to(device)
+                embedding = NFEEmbedding(time_embed_dim(net))
+                embedding.load_state_dict({k.removeprefix("embedding."): v for k, v in weights.items()
+                                           if k.startswith("embedding.")})
                 net = NFEConditioned(net, embedding)
-            net.load_state_dict(weights)
     extra = {}
     if variable:
         manifest["nfe_condition"] = embedding.spec()
