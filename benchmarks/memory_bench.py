@@ -5,16 +5,17 @@ SD 1.5, SDXL and FLUX-transformer teachers: `python -m benchmarks.memory_bench -
 1. The teachers' sizes: the public configs of SD 1.5's and SDXL's UNets and FLUX.1's transformer (and SD3-medium's),
    built on PyTorch's meta device (no memory, no download), parameters counted.
 2. The formula, bytes per teacher parameter held by each process, fp32 weights and AdamW (two fp32 moments):
-   the frozen real score 4 (sharded: 4 / N), each trained copy (generator, fake score) 4 weights + 4 gradients +
-   8 optimizer = 16 (sharded: 16 / N), a LoRA generator 4 (its adapters are negligible). So a full fine-tune holds
-   36 bytes per parameter on DDP, 4 + 32 / N on FSDP (8 at N = 8), 24 with LoRA. Activations come on top and
-   scale with batch and resolution (what gradient checkpointing cuts); FSDP also gathers one block at a time.
+   the frozen real score 4 (teacher_dtype=bf16: 2; sharded: / N), each trained copy (generator, fake score)
+   4 weights + 4 gradients + 8 optimizer = 16 (optimizer=8bit: 4 + 4 + 2 = 10; sharded: / N), a LoRA generator 4
+   (its adapters are negligible). So a full fine-tune holds 36 bytes per parameter on DDP, 4 + 32 / N on FSDP
+   (8 at N = 8), 24 with LoRA. Activations come on top and scale with batch and resolution (what gradient
+   checkpointing cuts); FSDP also gathers one block at a time.
 3. The check on this CPU: a pixel UNet teacher at two widths (SD 1.5's channel ratios 1:2:4:4), DMD2 with the
    pixel preset's settings for `--steps` steps (training only: no sample grid, no evaluation) in each
-   configuration (one process; LoRA; gradient checkpointing; two processes DDP; two processes FSDP; FSDP with the
-   teacher sharded). Peak resident memory of the largest process and seconds per step are read off each run; the
-   slope between the two widths, in bytes per parameter, is set against the formula's. Writes OUT.md and
-   OUT.json.
+   configuration of VARIANTS (one process with each memory option; LoRA; two processes DDP; two processes FSDP,
+   the teacher replicated, sharded, sharded in bf16). Peak resident memory of the largest process and seconds
+   per step are read off each run; the slope between the two widths, in bytes per parameter, is set against the
+   formula's. Writes OUT.md and OUT.json.
 """
 
 import argparse
@@ -54,15 +55,22 @@ SD3_MEDIUM_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num
                               num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                               pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
 
-# bytes per teacher parameter held by one process of N (fp32 weights, AdamW)
-VARIANTS = {  # name: (processes, extra distill.run arguments, formula bytes per parameter)
+# bytes per teacher parameter held by one process of N: the frozen teacher 4 (bf16: 2), each trained copy 4 weights
+# + 4 gradients + 8 AdamW moments (8-bit: 2) = 16 (10), a LoRA generator 4; sharded parts divided by N
+VARIANTS = {  # name: (processes, extra distill.run --set values, formula bytes per parameter)
     "full, 1 process": (1, [], lambda n: 4 + 16 + 16),
-    "full + gradient checkpointing, 1 process": (1, ["--set", "gradient_checkpointing=true"], lambda n: 36),
-    "LoRA 8, 1 process": (1, ["--set", "lora_rank=8"], lambda n: 4 + 16 + 4),
+    "full + gradient checkpointing, 1 process": (1, ["gradient_checkpointing=true"], lambda n: 36),
+    "full, teacher bf16, 1 process": (1, ["teacher_dtype=bf16"], lambda n: 2 + 16 + 16),
+    "full, fused AdamW, 1 process": (1, ["optimizer=fused"], lambda n: 36),
+    "full, 8-bit AdamW, 1 process": (1, ["optimizer=8bit"], lambda n: 4 + 10 + 10),
+    "LoRA 8, 1 process": (1, ["lora_rank=8"], lambda n: 4 + 16 + 4),
+    "LoRA 8, teacher bf16, 8-bit AdamW, 1 process": (1, ["lora_rank=8", "teacher_dtype=bf16", "optimizer=8bit"],
+                                                     lambda n: 2 + 10 + 4),
     "full, 2 processes DDP": (2, [], lambda n: 36),
-    "full, 2 processes FSDP": (2, ["--set", "fsdp=true"], lambda n: 4 + 32 / n),
-    "full, 2 processes FSDP, teacher sharded": (2, ["--set", "fsdp=true", "--set", "fsdp_shard_teacher=true"],
-                                                lambda n: (4 + 32) / n),
+    "full, 2 processes FSDP": (2, ["fsdp=true"], lambda n: 4 + 32 / n),
+    "full, 2 processes FSDP, teacher sharded": (2, ["fsdp=true", "fsdp_shard_teacher=true"], lambda n: (4 + 32) / n),
+    "full, 2 processes FSDP, teacher sharded in bf16": (2, ["fsdp=true", "fsdp_shard_teacher=true",
+                                                            "teacher_dtype=bf16"], lambda n: (2 + 32) / n),
 }
 
 
@@ -175,7 +183,8 @@ def bench(widths: list[int], steps: int) -> dict:
             runs[name] = {}
             for w in widths:
                 out = root / f"run_{len(runs)}_{w}"
-                runs[name][w] = measure(root / f"teacher{w}", data, out, processes, extra, steps,
+                sets = [a for s in extra for a in ("--set", s)]
+                runs[name][w] = measure(root / f"teacher{w}", data, out, processes, sets, steps,
                                         29600 + 10 * len(runs) + widths.index(w))
                 print(f"{name}, width {w} ({params[w] / 1e6:.1f} M parameters): "
                       f"{runs[name][w]['peak_bytes'] / 2**20:.0f} MiB peak, "
@@ -195,12 +204,19 @@ def bench(widths: list[int], steps: int) -> dict:
             "parameters": {str(w): params[w] for w in widths}, "teachers": sizes, "table": table}
 
 
+EXTRAPOLATED = {  # column: bytes per parameter (the formula above)
+    "full, DDP": 36, "full, DDP, teacher bf16 + 8-bit AdamW": 2 + 10 + 10, "LoRA, DDP": 24,
+    "LoRA, teacher bf16 + 8-bit AdamW": 2 + 10 + 4, "FSDP, 8 GPUs": 4 + 32 / 8,
+    "FSDP, 8 GPUs, teacher sharded in bf16": (2 + 32) / 8, "FSDP, 64 GPUs, teacher sharded in bf16": (2 + 32) / 64,
+}
+
+
 def extrapolation(report: dict) -> list[str]:
     """The formula at the public teachers' sizes, weights and optimizer state only."""
-    lines = ["| teacher | parameters | full, DDP (36 B) | LoRA, DDP (24 B) | FSDP, 8 GPUs (8 B) | FSDP, 8 GPUs, "
-             "teacher sharded (4.5 B) | FSDP, 64 GPUs, teacher sharded (0.56 B) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| teacher | parameters | " + " | ".join(f"{k} ({v:.3g} B)" for k, v in EXTRAPOLATED.items()) + " |",
+             "|---|---|" + "---|" * len(EXTRAPOLATED)]
     for name, p in report["teachers"].items():
-        cells = [p * b / GB for b in (36, 24, 4 + 32 / 8, 36 / 8, 36 / 64)]
+        cells = [p * b / GB for b in EXTRAPOLATED.values()]
         lines.append(f"| {name} | {p / 1e9:.2f} B | " + " | ".join(f"{c:.1f} GiB" for c in cells) + " |")
     return lines
 

@@ -135,7 +135,8 @@ def markdown(result: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['precision']} | {r['batch']} | {r['native_ms']:.3f} | {r['python_ms']:.3f} | "
-                     f"{r['bare_ms']:.3f} | {r['ort_ms']:.3f} | {r['ort_1thread_ms']:.3f} | {r['native_per_image_ms']:.3f} | {100 * r['native_vs_bare']:+.1f} % | "
+                     f"{r['bare_ms']:.3f} | {r['ort_ms']:.3f} | {r['ort_1thread_ms']:.3f} | "
+                     f"{r['native_per_image_ms']:.3f} | {100 * r['native_vs_bare']:+.1f} % | "
                      f"{100 * r['python_vs_bare']:+.1f} % |")
     return "\n".join(lines) + "\n"
 

@@ -130,8 +130,8 @@ def add_lora(backbone, rank: int) -> None:
 
 
 def student_weights(generator, bundle_dir: str) -> dict:
-    """A student bundle's network weights for the generator, named as in the generator (net.network.*), checked
-    strictly against its layout (which may be on the meta device): same architecture and prediction type."""
+    """A student bundle's network weights for the generator, named as in the generator, checked strictly against
+    its layout (which may be on the meta device): same architecture and prediction type."""
     from distill.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
@@ -145,7 +145,8 @@ def student_weights(generator, bundle_dir: str) -> dict:
     if differ:
         raise UserError(f"init_generator {bundle_dir} is not a student of this teacher (its network differs at "
                         f"{', '.join(differ[:3])})")
-    return {f"net.network.{k}": v for k, v in theirs.items()}
+    prefix = next(name for name, m in generator.named_modules() if m is generator.net.network)
+    return {f"{prefix}.{k}": v for k, v in theirs.items()}
 
 
 def student_backbone(generator, weights: dict | None):
@@ -201,7 +202,7 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
     if cfg.init_generator:
         start = start | student_weights(generator, cfg.init_generator)
         if not cfg.fsdp:
-            generator.load_state_dict({k: v for k, v in start.items() if k in generator.state_dict()})
+            generator.load_state_dict({k: v for k, v in start.items() if k in generator.state_dict()}, strict=True)
     if cfg.gradient_checkpointing:  # before LoRA wraps the network
         generator.net.enable_checkpointing()
         fake_denoiser.net.enable_checkpointing()
