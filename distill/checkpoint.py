@@ -18,17 +18,25 @@ from distill.errors import UserError
 _META_KEY = "fewstep_state"
 
 
-def _flatten(obj, prefix: str, tensors: dict):
+def _flatten(obj, prefix: str, tensors: dict, storages: set):
     if isinstance(obj, torch.Tensor):
         # Named by a counter, not by path: keys 0 and "0" (or "a/b" and a nested "a" -> "b") stay apart.
-        # safetensors refuses tensors that share storage (EMA copies, views): store a private copy.
         name = f"t{len(tensors)}"
-        tensors[name] = obj.detach().to("cpu", copy=True).contiguous()
+        t = obj.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")  # a fresh tensor of its own
+        elif t.untyped_storage().data_ptr() in storages or \
+                t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            # safetensors refuses tensors that share storage (EMA copies, views): store a private copy. A tensor
+            # alone in its storage is stored as it is: a gathered full state is not held twice while it is written.
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        tensors[name] = t.contiguous()
         return {"__tensor__": name}
     if isinstance(obj, dict):  # keys keep their type (optimizer states use int keys)
-        return {"__dict__": [[k, _flatten(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]}
+        return {"__dict__": [[k, _flatten(v, f"{prefix}/{k}", tensors, storages)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
-        return {"__list__": [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)],
+        return {"__list__": [_flatten(v, f"{prefix}/{i}", tensors, storages) for i, v in enumerate(obj)],
                 "tuple": isinstance(obj, tuple)}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
@@ -52,7 +60,7 @@ def save_state(path: str | Path, state: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict = {}
-    skeleton = _flatten(state, "", tensors)
+    skeleton = _flatten(state, "", tensors, set())
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(skeleton)})
     os.replace(tmp, path)

@@ -125,3 +125,15 @@ def test_memory_settings_that_cannot_work_are_one_line_errors(teacher_dir, tmp_p
         args += ["--set", s]
     code, _, err = run_main(run_cli.main, args, capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_checkpoint_stores_shared_and_viewed_tensors_apart_and_whole(tmp_path):
+    """Tensors alone in their storage are written without a copy; views and tensors sharing storage get their own
+    copy (safetensors refuses shared storage), and every one reads back with its own values."""
+    base = torch.arange(12.0)
+    state = {"whole": base, "same": base, "view": base[2:5], "strided": base.view(3, 4).t(), "other": torch.ones(2),
+             "empty": torch.zeros(0), "empty2": torch.zeros(0, 3)}
+    save_state(tmp_path / "s.safetensors", state)
+    back = load_state(tmp_path / "s.safetensors")
+    for k, v in state.items():
+        assert torch.equal(back[k], v), k

@@ -227,6 +227,7 @@ def train_dmd2(cfg: DMD2Config, teacher, real_data: tuple | None, out_dir: str |
         sharding.shard_from(generator, start, device)
         sharding.shard_from(fake, {f"denoiser.{k}": v for k, v in sharding.tensors(real).items()}, device)
         template = sharding.meta_copy(real.net)
+    del start  # it holds the teacher's full weights, which sharding or a bf16 cast must be able to free
     frozen = real if cfg.teacher_dtype == "fp32" else LowPrecisionTeacher(real, TEACHER_DTYPES[cfg.teacher_dtype])
     if cfg.fsdp and cfg.fsdp_shard_teacher:
         sharding.shard(real)
