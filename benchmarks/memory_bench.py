@@ -238,7 +238,8 @@ def markdown(report: dict) -> str:
              f"{report['steps']} steps, fp32.", "",
              "Per process (the largest): **resident** memory at the end of a training step (what training holds: "
              "weights, gradients, optimizer state, activations freed) and the **high-water** mark of the whole "
-             "run (loading, the copies made before sharding, the end-of-run checkpoint and bundle). Bytes per "
+             "run (loading, the end-of-run checkpoint, for which FSDP gathers the full state on the main process, and "
+             "the bundle). Bytes per "
              "parameter: the slope between the two widths.", "",
              "| configuration | processes | resident MiB (" + " / ".join(f"width {x}" for x in w) +
              ") | high-water MiB | s/step | B/param, resident | B/param, formula | B/param, high-water |",
