@@ -239,8 +239,9 @@ def markdown(report: dict) -> str:
              "Per process (the largest): **resident** memory at the end of a training step (what training holds: "
              "weights, gradients, optimizer state, activations freed) and the **high-water** mark of the whole "
              "run (loading, the end-of-run checkpoint, for which FSDP gathers the full state on the main process, and "
-             "the bundle). Bytes per "
-             "parameter: the slope between the two widths.", "",
+             "the bundle). Bytes per parameter: the slope between the two widths. The runs set glibc's "
+             "`MALLOC_MMAP_THRESHOLD_=131072` (`ALLOCATOR`): with its default, freed blocks of FSDP's per-block "
+             "gathers stay in the resident set and read as held memory.", "",
              "| configuration | processes | resident MiB (" + " / ".join(f"width {x}" for x in w) +
              ") | high-water MiB | s/step | B/param, resident | B/param, formula | B/param, high-water |",
              "|---|---|---|---|---|---|---|---|"]
