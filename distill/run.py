@@ -467,7 +467,7 @@ def run(args) -> Path:
                             accelerator=accelerator, score=score)
     if not main:
         return bundle
-    if getattr(cfg, "teacher_dtype", "fp32") != "fp32" or getattr(cfg, "fsdp_shard_teacher", False):
+    if cfg.teacher_dtype != "fp32" or cfg.fsdp_shard_teacher:
         # training cast the teacher's weights or sharded them across the processes: the pictures and metrics
         # below need it whole, in full precision, on this process
         teacher = load_teacher(teacher_dir)
